@@ -1,0 +1,42 @@
+"""Configuration of the planning commands: frozen, self-validating, and the CLI's source of defaults.
+
+Kept free of heavy imports so that building the command line stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from nfsearch.errors import NfsearchError
+
+
+@dataclass(frozen=True)
+class SolveConfig:
+    """Everything `nfsearch solve` takes; the CLI's defaults come from here."""
+
+    model: str = "mixtral"
+    gpu: str | None = None
+    profile: str | None = None
+    tp: int = 1
+    workload: str = "splitwise"
+    dense_batch: int = 2048
+    policy: Literal["auto", "sequential"] = "auto"
+    granularity_tokens: int = 64
+    max_nano_batches: int = 4
+    time_limit_s: float = 60.0
+    output: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise NfsearchError(f"--tp must be >= 1, got {self.tp}")
+        if self.dense_batch <= 0:
+            raise NfsearchError(f"--dense-batch must be positive, got {self.dense_batch}")
+        if self.policy not in ("auto", "sequential"):
+            raise NfsearchError(f"--policy must be auto or sequential, got {self.policy!r}")
+        if self.granularity_tokens <= 0:
+            raise NfsearchError(f"granularity_tokens must be positive, got {self.granularity_tokens}")
+        if not 1 <= self.max_nano_batches <= 8:
+            raise NfsearchError(f"max_nano_batches must be in 1..8, got {self.max_nano_batches}")
+        if self.time_limit_s <= 0:
+            raise NfsearchError(f"--time-limit must be positive, got {self.time_limit_s}")

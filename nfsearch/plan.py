@@ -1,0 +1,246 @@
+"""Plan: model + workload + profile -> search problem -> solution -> schedule file.
+
+`plan(config)` is what `nfsearch solve` runs. It imports no torch: planning runs on any laptop.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from nfrt.config import BatchComposition, ModelConfig
+from nfrt.schedule import (
+    Dependency,
+    LayerOp,
+    Metadata,
+    NanoBatch,
+    NanoOp,
+    OpDep,
+    Partition,
+    Prediction,
+    ProfileInfo,
+    Schedule,
+    SolverInfo,
+    Stream,
+    TimelineEntry,
+)
+
+import nfsearch
+from nfsearch.bound import Bound, compute_bound
+from nfsearch.config import SolveConfig
+from nfsearch.errors import NfsearchError
+from nfsearch.gpus import GpuSpec, gpu_slug_for_device_name, partition_sizes, resolve_gpu
+from nfsearch.models import resolve_model
+from nfsearch.opgraph import groups, layer_ops, op_tokens, tail_ops
+from nfsearch.profile import Profile, default_profile_for, load_profile
+from nfsearch.search.problem import Dep, SearchProblem, Solution, StageOp
+from nfsearch.workload import Composition, compose_batch, parse_workload
+
+DEFAULT_GPU = "h200"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    schedule: Schedule
+    solution: Solution
+    sequential: Solution
+    bound: Bound
+    composition: Composition
+    gpu: GpuSpec
+    profile: Profile
+    profile_note: str  # which profile was used and why
+
+
+def detect_gpu_slug() -> str | None:
+    """The local GPU's slug via nvidia-smi (no torch import), or None."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = out.strip().splitlines()[0] if out.strip() else ""
+    return gpu_slug_for_device_name(first) if first else None
+
+
+def gpu_from_profile(profile: Profile) -> GpuSpec:
+    """The profile's GPU with its ceilings (measured ones for a measured profile)."""
+    gpu = resolve_gpu(profile.meta.gpu)
+    return gpu.with_overrides(peak_tflops=profile.meta.peak_tflops, hbm_gbps=profile.meta.hbm_gbps,
+                              nvlink_gbps=profile.meta.nvlink_gbps)
+
+
+def choose_profile(model: ModelConfig, cfg: SolveConfig) -> tuple[Profile, str]:
+    if cfg.profile:
+        prof = load_profile(cfg.profile)
+        if prof.meta.model not in (model.name, "*"):
+            raise NfsearchError(f"profile {cfg.profile} is for model {prof.meta.model}, not {model.name}")
+        if prof.meta.tp != cfg.tp:
+            raise NfsearchError(f"profile {cfg.profile} is for tp {prof.meta.tp}, not {cfg.tp}")
+        return prof, f"profile {cfg.profile} ({prof.meta.source})"
+    if cfg.gpu:
+        slug, why = resolve_gpu(cfg.gpu).name, f"--gpu {cfg.gpu}"
+    else:
+        detected = detect_gpu_slug()
+        slug, why = (detected, "detected GPU") if detected else (DEFAULT_GPU, "no GPU detected: default")
+    prof = default_profile_for(model, resolve_gpu(slug), cfg.tp)
+    return prof, f"{why} {slug}: {prof.meta.source} profile"
+
+
+def _context(op, batch: BatchComposition) -> int:
+    ctx = op_tokens(op, batch)[1]
+    return ctx if ctx or op.token_class == "all" else 1
+
+
+def build_problem(model: ModelConfig, batch: BatchComposition, profile: Profile, gpu: GpuSpec, tp: int,
+                  cfg: SolveConfig) -> SearchProblem:
+    """Latency tables per stage op (group) over token granules and partition sizes."""
+    g = cfg.granularity_tokens
+    if batch.dense_batch % g or batch.decode_tokens % g:
+        raise NfsearchError(f"dense batch {batch.dense_batch} and decode tokens {batch.decode_tokens} "
+                            f"must be multiples of the {g}-token granule")
+    num_granules = batch.dense_batch // g
+    sms = tuple(s for s in partition_sizes(gpu) if s in set(profile.sm_grid()) or s == gpu.num_sms)
+    specs = {op.name: op for op in layer_ops(model, tp)}
+    stage_ops = []
+    for name, grp in groups(model, tp).items():
+        # n granules of the group's own token class: every op of a group runs on those tokens
+        # (an `all` op inside an attention group does not occur; see docs/architecture.md).
+        # an attention op whose class is absent from the batch still needs a valid context
+        # for its (never used) table rows
+        contexts = [_context(specs[op_name], batch) for op_name in grp.ops]
+        rows = tuple(
+            tuple(round(sum(profile.latency_us(op_name, n * g, ctx, s)
+                            for op_name, ctx in zip(grp.ops, contexts, strict=True)), 3) if n else 0.0
+                  for s in sms)
+            for n in range(num_granules + 1))
+        deps = tuple(Dep(op=p, scope=scope, prev_layer=prev) for p, scope, prev in grp.deps)
+        stage_ops.append(StageOp(name=name, kind=grp.kind, token_class=grp.token_class,
+                                 graph_ops=tuple(grp.ops), deps=deps, latency_us=rows))
+    interference = {}
+    for kind in ("compute", "memory", "network"):
+        for other in ("compute", "memory", "network"):
+            if kind != other:
+                interference[(kind, other)] = tuple(profile.slowdown(kind, other, s) for s in sms)
+    tail_us = 0.0
+    for op in tail_ops(model, tp):
+        tokens, context = op_tokens(op, batch)
+        tail_us += profile.latency_us(op.name, tokens, context, gpu.num_sms) if tokens else 0.0
+    return SearchProblem(
+        ops=tuple(stage_ops), num_granules=num_granules, granularity_tokens=g,
+        decode_granules=batch.decode_tokens // g, num_sms=gpu.num_sms, sm_options=sms,
+        interference=interference, num_layers=model.num_layers, tail_us=round(tail_us, 3),
+        max_nano_batches=cfg.max_nano_batches, policy=cfg.policy, time_limit_s=cfg.time_limit_s)
+
+
+def _cross_stream_deps(problem: SearchProblem, sol: Solution, g: int, decode_tokens: int) -> list[Dependency]:
+    """Explicit events for every dependency between nano-ops on different streams."""
+    by_op: dict[str, list] = {}
+    for n in sol.nano_ops:
+        by_op.setdefault(n.op, []).append(n)
+    class_start = {"decode": 0, "prefill": decode_tokens // g, "all": 0}
+    deps: list[Dependency] = []
+    for op in problem.ops:
+        for after in by_op.get(op.name, []):
+            a0, a1 = after.granules
+            for dep in op.deps:
+                lo = class_start[op.token_class] if dep.scope == "prefix" else a0
+                for before in by_op.get(dep.op, []):
+                    b0, b1 = before.granules
+                    if b0 < a1 and lo < b1 and before.stream != after.stream:
+                        deps.append(Dependency(before=before.name, after=after.name,
+                                               prev_layer=dep.prev_layer))
+    return deps
+
+
+def to_schedule(cfg: SolveConfig, model: ModelConfig, comp: Composition, gpu: GpuSpec, profile: Profile,
+                problem: SearchProblem, sol: Solution, seq: Solution, bound: Bound) -> Schedule:
+    g = problem.granularity_tokens
+    batch = comp.batch
+    groups_by_name = {op.name: op for op in problem.ops}
+    kinds_used = [k for k in ("compute", "memory", "network") if sol.stream_order.get(k)]
+    single = len(kinds_used) == 1
+    partitions, streams = [], []
+    for kind in kinds_used:
+        pname = "all" if single else f"p_{kind}"
+        sms = sol.partitions[kind]
+        partitions.append(Partition(name=pname, num_sms=sms))
+        nano = {n.name: n for n in sol.nano_ops}
+        ops = tuple(
+            NanoOp(name=nano[name].name, ops=groups_by_name[nano[name].op].graph_ops,
+                   tokens=(nano[name].granules[0] * g, nano[name].granules[1] * g), num_sms=sms)
+            for name in sol.stream_order[kind])
+        streams.append(Stream(name="main" if single else kind, kind="mixed" if single else kind,
+                              partition=pname, nano_ops=ops))
+    stream_name = {kind: ("main" if single else kind) for kind in kinds_used}
+    bounds = sol.boundaries
+    nano_batches = tuple(NanoBatch(name=f"nb{i}", start=bounds[i] * g, end=bounds[i + 1] * g)
+                         for i in range(len(bounds) - 1))
+    layer = tuple(LayerOp(name=op.name, kind=op.kind, token_class=op.token_class,
+                          deps=tuple(OpDep(op=p, scope=s, prev_layer=prev) for p, s, prev in op.deps))
+                  for op in layer_ops(model, cfg.tp))
+    tokens_per_s = batch.dense_batch / (sol.iteration_us * 1e-6)
+    optimal = bound.optimal_tokens_per_s_per_gpu
+    timeline = tuple(TimelineEntry(nano_op=n.name, stream=stream_name[n.stream], start_us=n.start_us,
+                                   end_us=n.end_us)
+                     for n in sorted(sol.nano_ops, key=lambda n: (n.start_us, n.name)))
+    prediction = Prediction(
+        period_us=sol.period_us, layer_span_us=sol.layer_span_us, iteration_us=sol.iteration_us,
+        tokens_per_s_per_gpu=tokens_per_s, fraction_of_bound=tokens_per_s / optimal,
+        optimal_tokens_per_s_per_gpu=optimal,
+        speedup_vs_sequential=seq.iteration_us / sol.iteration_us, timeline=timeline)
+    meta = Metadata(
+        model=model.name, model_config=model, gpu=gpu.name, num_sms=gpu.num_sms, tp=cfg.tp,
+        workload=cfg.workload, dense_batch=batch.dense_batch, batch=batch, num_layers=model.num_layers,
+        profile=ProfileInfo(hash=profile.hash, source=profile.meta.source,
+                            path=_display_path(cfg.profile) if cfg.profile else "builtin"),
+        solver=SolverInfo(name="ortools-cp-sat", policy=cfg.policy, status=sol.status,
+                          objective_us=sol.period_us, gap=sol.objective_gap, solve_time_s=sol.solve_time_s),
+        nfsearch_version=nfsearch.__version__)
+    return Schedule(schema_version=1, metadata=meta, layer=layer, partitions=tuple(partitions),
+                    streams=tuple(streams), nano_batches=nano_batches,
+                    dependencies=tuple(_cross_stream_deps(problem, sol, g, batch.decode_tokens)),
+                    prediction=prediction)
+
+
+def _display_path(p: str) -> str:
+    path = Path(p).resolve()
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def default_output(cfg: SolveConfig, model: ModelConfig, gpu: GpuSpec) -> Path:
+    workload = cfg.workload.replace(":", "-")
+    suffix = "" if cfg.policy == "auto" else f"-{cfg.policy}"
+    return REPO_ROOT / "schedules" / f"{model.name}-{gpu.name}-tp{cfg.tp}-{workload}{suffix}.yaml"
+
+
+def plan(cfg: SolveConfig) -> PlanResult:
+    """Solve `cfg` and build the schedule (not written: see `nfrt.schedule.save_schedule`)."""
+    from nfsearch.search import solve  # OR-Tools loads only when something is solved
+
+    model = resolve_model(cfg.model)
+    profile, note = choose_profile(model, cfg)
+    gpu = gpu_from_profile(profile)
+    workload = parse_workload(cfg.workload)
+    g = math.gcd(cfg.granularity_tokens, cfg.dense_batch)
+    if g != cfg.granularity_tokens:
+        cfg = replace(cfg, granularity_tokens=g)
+    comp = compose_batch(model, workload, gpu, tp=cfg.tp, dense_batch=cfg.dense_batch, round_to=g)
+    problem = build_problem(model, comp.batch, profile, gpu, cfg.tp, cfg)
+    seq = solve(replace(problem, policy="sequential"))
+    sol = seq if cfg.policy == "sequential" else solve(problem)
+    if sol.status not in ("OPTIMAL", "FEASIBLE"):
+        raise NfsearchError(f"no feasible schedule: {sol.message or sol.status}")
+    bound = compute_bound(model, gpu, cfg.tp, workload, comp.batch.dense_batch)
+    schedule = to_schedule(cfg, model, comp, gpu, profile, problem, sol, seq, bound)
+    return PlanResult(schedule=schedule, solution=sol, sequential=seq, bound=bound, composition=comp,
+                      gpu=gpu, profile=profile, profile_note=note)

@@ -1,0 +1,549 @@
+"""Kernel profiles: latency tables and interference, the file format, and interpolation.
+
+A profile tells the search how long each layer op takes for a token count, a context length and
+an SM count, and how much an op of one kind slows down beside another kind. It is one versioned
+JSON file (docs/profile-format.md) with two pandas-readable tables in `orient="split"` form.
+`Profile` validates itself once, then answers `latency_us` / `slowdown` by multilinear
+interpolation over its grid. It never extrapolates: a query outside the grid raises
+`ProfileRangeError` naming the op and the value.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from nfsearch.errors import NfsearchError
+
+if TYPE_CHECKING:
+    from nfrt.config import ModelConfig
+
+    from nfsearch.gpus import GpuSpec
+
+FORMAT = "nfsearch-profile"
+FORMAT_VERSION = 1
+LATENCY_COLUMNS = ("op", "tokens", "context", "num_sms", "latency_us")
+INTERFERENCE_COLUMNS = ("kind", "other_kind", "num_sms", "slowdown")
+KINDS = ("compute", "memory", "network", "other")
+SOURCES = ("measured", "analytic")
+# Meta fields that change on every regeneration without changing the data: left out of the hash.
+VOLATILE_META = ("date", "nfsearch_version")
+# Fixed rounding makes saved bytes (and so the hash) deterministic: 1e-4 us = 0.1 ns.
+LATENCY_DECIMALS = 4
+SLOWDOWN_DECIMALS = 6
+
+Source = Literal["measured", "analytic"]
+
+
+class ProfileError(NfsearchError):
+    """A profile file or table is malformed; the message names the row / column / field."""
+
+
+class ProfileRangeError(NfsearchError):
+    """A lookup falls outside a profile's grid (or names an op the profile lacks)."""
+
+
+@dataclass(frozen=True)
+class ProfileMeta:
+    """Where a profile comes from: the GPU, its ceilings and the software stamp."""
+
+    source: Source
+    model: str
+    tp: int
+    gpu: str  # slug, the folder name under profiles/
+    gpu_name: str
+    num_sms: int
+    sm_granularity: int
+    peak_tflops: float  # dense bf16 ceiling (measured in measured profiles)
+    hbm_gbps: float
+    nvlink_gbps: float  # 0: no NVLink
+    driver: str = ""
+    cuda: str = ""
+    torch: str = ""
+    triton: str = ""
+    date: str = ""
+    nfsearch_version: str = ""
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ProfileError(f"meta.source {self.source!r} unknown; valid: {', '.join(SOURCES)}")
+        for f in ("model", "gpu", "gpu_name"):
+            v = getattr(self, f)
+            if not isinstance(v, str) or not v:
+                raise ProfileError(f"meta.{f} must be a non-empty string, got {v!r}")
+        for f in ("driver", "cuda", "torch", "triton", "date", "nfsearch_version", "notes"):
+            if not isinstance(getattr(self, f), str):
+                raise ProfileError(f"meta.{f} must be a string, got {getattr(self, f)!r}")
+        for f in ("tp", "num_sms", "sm_granularity"):
+            v = getattr(self, f)
+            if not _is_int(v) or v < 1:
+                raise ProfileError(f"meta.{f} must be a positive integer, got {v!r}")
+        for f, lo in (("peak_tflops", 0.0), ("hbm_gbps", 0.0), ("nvlink_gbps", None)):
+            v = getattr(self, f)
+            if not _is_num(v) or not np.isfinite(v) or (v <= 0 if lo is not None else v < 0):
+                need = "positive" if lo is not None else "non-negative"
+                raise ProfileError(f"meta.{f} must be a {need} number, got {v!r}")
+            object.__setattr__(self, f, float(v))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ProfileMeta:
+        if not isinstance(d, dict):
+            raise ProfileError(f"meta must be a mapping, got {type(d).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ProfileError(f"meta: unknown field(s) {', '.join(unknown)}; valid: {', '.join(names)}")
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in d]
+        if missing:
+            raise ProfileError(f"meta: missing field(s) {', '.join(missing)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class _OpGrid:
+    """One op's complete grid: lat[c, t, s] at contexts[c], tokens[t], sms[s]."""
+
+    tokens: list[int]
+    contexts: list[int]  # [0] when the op's cost does not depend on context
+    sms: list[int]
+    lat: np.ndarray  # [contexts, tokens, sms]
+
+
+@dataclass(frozen=True, eq=False)
+class Profile:
+    """A validated profile. The DataFrames are normalized copies (sorted, rounded): treat as read-only."""
+
+    meta: ProfileMeta
+    latency: pd.DataFrame
+    interference: pd.DataFrame
+    _grids: dict[str, _OpGrid] = field(init=False, repr=False)
+    _slow: dict[tuple[str, str], tuple[list[int], list[float]]] = field(init=False, repr=False)
+    _sm_grid: tuple[int, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.meta, ProfileMeta):
+            raise ProfileError(f"meta must be a ProfileMeta, got {type(self.meta).__name__}")
+        lat = _check_latency(self.latency, self.meta)
+        inter = _check_interference(self.interference, self.meta)
+        object.__setattr__(self, "latency", lat)
+        object.__setattr__(self, "interference", inter)
+        sm_grid = tuple(sorted(int(s) for s in lat["num_sms"].unique()))
+        if sm_grid[-1] != self.meta.num_sms:
+            raise ProfileError(f"tables.latency: the SM grid ends at {sm_grid[-1]}, not at "
+                               f"meta.num_sms {self.meta.num_sms} (the full GPU must be profiled)")
+        object.__setattr__(self, "_sm_grid", sm_grid)
+        object.__setattr__(self, "_grids", _build_grids(lat, sm_grid))
+        slow: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+        for (k, o), g in inter.groupby(["kind", "other_kind"], sort=True):
+            slow[(str(k), str(o))] = ([int(s) for s in g["num_sms"]], [float(x) for x in g["slowdown"]])
+        object.__setattr__(self, "_slow", slow)
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def ops(self) -> tuple[str, ...]:
+        return tuple(sorted(self._grids))
+
+    def sm_grid(self) -> tuple[int, ...]:
+        return self._sm_grid
+
+    def token_grid(self, op: str) -> tuple[int, ...]:
+        return tuple(self._grid(op).tokens)
+
+    def context_grid(self, op: str) -> tuple[int, ...]:
+        """(0,) for an op whose latency does not depend on context."""
+        return tuple(self._grid(op).contexts)
+
+    def latency_us(self, op: str, tokens: float, context: float, num_sms: float) -> float:
+        """Solo latency, interpolated linearly in tokens, context and num_sms between grid points.
+
+        0.0 for tokens == 0. `context` is ignored for ops profiled at context 0 only.
+        """
+        g = self._grid(op)
+        if tokens == 0:
+            return 0.0
+        ti = _bracket(g.tokens, tokens, op, "tokens")
+        si = _bracket(g.sms, num_sms, op, "num_sms")
+        ci = ((0, 0, 0.0) if g.contexts == [0] else _bracket(g.contexts, context, op, "context"))
+        total = 0.0
+        for c, wc in ((ci[0], 1.0 - ci[2]), (ci[1], ci[2])):
+            if wc == 0.0:
+                continue
+            for t, wt in ((ti[0], 1.0 - ti[2]), (ti[1], ti[2])):
+                if wt == 0.0:
+                    continue
+                for s, ws in ((si[0], 1.0 - si[2]), (si[1], si[2])):
+                    if ws:
+                        total += wc * wt * ws * float(g.lat[c, t, s])
+        return total
+
+    def slowdown(self, kind: str, other_kind: str, num_sms: float) -> float:
+        """Slowdown (>= 1) of `kind` on `num_sms` SMs beside `other_kind`; 1.0 for an absent pair."""
+        for k in (kind, other_kind):
+            if k not in KINDS:
+                raise ProfileRangeError(f"profile: kind {k!r} unknown; valid: {', '.join(KINDS)}")
+        entry = self._slow.get((kind, other_kind))
+        if entry is None:
+            return 1.0
+        sms, vals = entry
+        lo, hi, w = _bracket(sms, num_sms, f"interference {kind}/{other_kind}", "num_sms")
+        return vals[lo] * (1.0 - w) + vals[hi] * w
+
+    def _grid(self, op: str) -> _OpGrid:
+        g = self._grids.get(op)
+        if g is None:
+            raise ProfileRangeError(f"profile ({self.meta.model}, {self.meta.gpu}) has no op {op!r}; "
+                                    f"ops: {', '.join(self.ops())}")
+        return g
+
+    # -- serialization -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "meta": self.meta.to_dict(),
+            "tables": {
+                "latency": {"columns": list(LATENCY_COLUMNS), "data": [
+                    [str(o), int(t), int(c), int(s), float(x)] for o, t, c, s, x in
+                    self.latency.itertuples(index=False, name=None)]},
+                "interference": {"columns": list(INTERFERENCE_COLUMNS), "data": [
+                    [str(k), str(o), int(s), float(x)] for k, o, s, x in
+                    self.interference.itertuples(index=False, name=None)]},
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Profile:
+        if not isinstance(d, dict):
+            raise ProfileError(f"profile must be a mapping, got {type(d).__name__}")
+        if d.get("format") != FORMAT:
+            raise ProfileError(f"not an nfsearch profile: format is {d.get('format')!r}, expected {FORMAT!r}")
+        ver = d.get("format_version")
+        if ver != FORMAT_VERSION or not _is_int(ver):
+            raise ProfileError(f"profile format_version {ver!r} is not supported (this nfsearch reads "
+                               f"{FORMAT_VERSION})")
+        extra = sorted(set(d) - {"format", "format_version", "meta", "tables"})
+        if extra:
+            raise ProfileError(f"profile: unknown top-level key(s) {', '.join(extra)}")
+        meta = ProfileMeta.from_dict(d.get("meta"))
+        tables = d.get("tables")
+        if not isinstance(tables, dict):
+            raise ProfileError("profile: 'tables' must be a mapping with 'latency' and 'interference'")
+        unknown = sorted(set(tables) - {"latency", "interference"})
+        if unknown:
+            raise ProfileError(f"tables: unknown table(s) {', '.join(unknown)}; valid: latency, interference")
+        frames = [_frame(tables, name, cols) for name, cols in
+                  (("latency", LATENCY_COLUMNS), ("interference", INTERFERENCE_COLUMNS))]
+        return cls(meta, frames[0], frames[1])
+
+    def canonical_bytes(self) -> bytes:
+        """The exact bytes `save_profile` writes."""
+        return _dump(self.to_dict()).encode()
+
+    @cached_property
+    def hash(self) -> str:
+        """sha256 (hex) of the canonical file content without the volatile meta fields."""
+        d = self.to_dict()
+        for k in VOLATILE_META:
+            d["meta"].pop(k)
+        return hashlib.sha256(_dump(d).encode()).hexdigest()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Profile):
+            return NotImplemented
+        return (self.meta == other.meta and self.latency.equals(other.latency)
+                and self.interference.equals(other.interference))
+
+    def __hash__(self) -> int:
+        return hash(self.hash)
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def load_profile(path: str | os.PathLike[str]) -> Profile:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ProfileError(f"profile file {p} not found") from None
+    except OSError as e:
+        raise ProfileError(f"profile file {p}: cannot read ({e.strerror})") from None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ProfileError(f"{p}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    try:
+        return Profile.from_dict(d)
+    except ProfileError as e:
+        raise ProfileError(f"{p}: {e}") from None
+
+
+def save_profile(profile: Profile, path: str | os.PathLike[str]) -> Path:
+    """Write atomically (temp file in the same folder, then rename); the bytes are deterministic."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    data = profile.canonical_bytes()
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def profiles_root() -> Path:
+    """The repository's profiles/ folder (next to the nfsearch package)."""
+    return Path(__file__).resolve().parent.parent / "profiles"
+
+
+def profile_filename(model_name: str, tp: int) -> str:
+    return f"{model_name}-tp{tp}.json"
+
+
+def shipped_profile_path(gpu_slug: str, model_name: str, tp: int,
+                         root: str | os.PathLike[str] | None = None) -> Path | None:
+    """profiles/<gpu-slug>/<model>-tp<N>.json if it exists, else None."""
+    p = Path(root if root is not None else profiles_root()) / gpu_slug / profile_filename(model_name, tp)
+    return p if p.is_file() else None
+
+
+def default_profile_for(model: ModelConfig | str, gpu: GpuSpec | str, tp: int = 1,
+                        root: str | os.PathLike[str] | None = None) -> Profile:
+    """The shipped measured profile for (model, gpu, tp) if one exists, else the analytic one.
+
+    `meta.source` says which it is.
+    """
+    from nfsearch.gpus import resolve_gpu
+    from nfsearch.models import resolve_model
+
+    m = resolve_model(model) if isinstance(model, str) else model
+    g = resolve_gpu(gpu) if isinstance(gpu, str) else gpu
+    path = shipped_profile_path(g.name, m.name, tp, root)
+    if path is None:
+        return _analytic_cached(m, g, tp)
+    prof = load_profile(path)
+    got = (prof.meta.model, prof.meta.gpu, prof.meta.tp)
+    if got != (m.name, g.name, tp):
+        raise ProfileError(f"{path}: meta says model {got[0]!r}, gpu {got[1]!r}, tp {got[2]}; the file name "
+                           f"says {m.name!r}, {g.name!r}, {tp}")
+    return prof
+
+
+@lru_cache(maxsize=8)
+def _analytic_cached(model: ModelConfig, gpu: GpuSpec, tp: int) -> Profile:
+    from nfsearch.profile_analytic import analytic_profile  # it imports this module
+
+    return analytic_profile(model, gpu, tp)
+
+
+# -- validation helpers ------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool | np.bool_)
+
+
+def _frame(tables: dict[str, Any], name: str, cols: tuple[str, ...]) -> pd.DataFrame:
+    t = tables.get(name)
+    if not (isinstance(t, dict) and isinstance(t.get("columns"), list) and isinstance(t.get("data"), list)):
+        raise ProfileError(f"tables.{name} must be a mapping with lists 'columns' and 'data' "
+                           f"(pandas orient='split')")
+    extra = sorted(set(t) - {"columns", "data", "index"})
+    if extra:
+        raise ProfileError(f"tables.{name}: unknown key(s) {', '.join(extra)}")
+    columns = t["columns"]
+    for i, row in enumerate(t["data"]):
+        if not isinstance(row, list) or len(row) != len(columns):
+            raise ProfileError(f"tables.{name} row {i}: expected a list of {len(columns)} values "
+                               f"({', '.join(map(str, columns))}), got {row!r}")
+    _check_columns(name, list(columns), cols)
+    # object dtype keeps the JSON values as they are, so the checks see wrong types, not coercions
+    return pd.DataFrame(t["data"], columns=columns, dtype=object)
+
+
+def _check_columns(name: str, got: list[Any], want: tuple[str, ...]) -> None:
+    missing = [c for c in want if c not in got]
+    extra = [str(c) for c in got if c not in want]
+    dup = sorted({str(c) for c in got if got.count(c) > 1})
+    if missing:
+        raise ProfileError(f"tables.{name}: missing column(s) {', '.join(missing)}")
+    if extra:
+        raise ProfileError(f"tables.{name}: extra column(s) {', '.join(extra)}; expected {', '.join(want)}")
+    if dup:
+        raise ProfileError(f"tables.{name}: duplicate column(s) {', '.join(dup)}")
+
+
+_VALUE_CHECKS = {
+    "str": (lambda v: isinstance(v, str) and v != "", "a non-empty string", str),
+    "int": (_is_int, "an integer", int),
+    "num": (_is_num, "a number", float),
+}
+
+
+def _check_values(df: pd.DataFrame, name: str, col: str, kind: Literal["str", "int", "num"]) -> list[Any]:
+    ok, what, conv = _VALUE_CHECKS[kind]
+    vals = df[col].tolist()
+    for i, v in enumerate(vals):
+        if not ok(v):
+            raise ProfileError(f"tables.{name} row {i}: {col} must be {what}, got {v!r}")
+    return [conv(v) for v in vals]
+
+
+def _check_rows(name: str, checks: tuple[tuple[np.ndarray, Callable[[int], str]], ...]) -> None:
+    """Raise for the first row of the first failing check."""
+    for bad, msg in checks:
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ProfileError(f"tables.{name} row {i}: {msg(i)}")
+
+
+def _check_duplicates(out: pd.DataFrame, name: str, key: list[str], what: str) -> None:
+    dup = out.duplicated(subset=key, keep=False).to_numpy()
+    if dup.any():
+        rows = np.flatnonzero(dup)
+        r = out.iloc[rows[0]][key]
+        other = next(j for j in rows[1:] if (out.iloc[j][key] == r).all())
+        point = ", ".join(f"{k}={v!r}" for k, v in r.items())
+        raise ProfileError(f"tables.{name} rows {rows[0]} and {other}: duplicate {what} {point}")
+
+
+def _check_latency(df: Any, meta: ProfileMeta) -> pd.DataFrame:
+    name = "latency"
+    if not isinstance(df, pd.DataFrame):
+        raise ProfileError(f"tables.{name} must be a DataFrame, got {type(df).__name__}")
+    _check_columns(name, list(df.columns), LATENCY_COLUMNS)
+    if len(df) == 0:
+        raise ProfileError(f"tables.{name} has no rows")
+    df = df.reset_index(drop=True)
+    cols = {"op": _check_values(df, name, "op", "str")}
+    for c in ("tokens", "context", "num_sms"):
+        cols[c] = _check_values(df, name, c, "int")
+    cols["latency_us"] = _check_values(df, name, "latency_us", "num")
+    tok = np.asarray(cols["tokens"], dtype=np.int64)
+    ctx = np.asarray(cols["context"], dtype=np.int64)
+    sms = np.asarray(cols["num_sms"], dtype=np.int64)
+    lat = np.asarray(cols["latency_us"], dtype=np.float64)
+    _check_rows(name, (
+        (np.isnan(lat), lambda i: "latency_us is NaN"),
+        (~np.isfinite(lat) & ~np.isnan(lat), lambda i: f"latency_us is {lat[i]}"),
+        (lat < 0, lambda i: f"latency_us is negative ({lat[i]})"),
+        (tok < 0, lambda i: f"tokens is negative ({tok[i]})"),
+        (ctx < 0, lambda i: f"context is negative ({ctx[i]})"),
+        ((sms < 1) | (sms > meta.num_sms), lambda i: f"num_sms {sms[i]} is outside 1..{meta.num_sms} "
+                                                     f"(meta.num_sms)"),
+        ((tok == 0) & (lat != 0), lambda i: f"latency_us must be 0 at tokens 0, got {lat[i]}"),
+    ))
+    out = pd.DataFrame({"op": pd.Series(cols["op"], dtype=object), "tokens": tok, "context": ctx,
+                        "num_sms": sms, "latency_us": np.round(lat, LATENCY_DECIMALS)})
+    key = ["op", "tokens", "context", "num_sms"]
+    _check_duplicates(out, name, key, "grid point")
+    return out.sort_values(key, kind="stable").reset_index(drop=True)
+
+
+def _check_interference(df: Any, meta: ProfileMeta) -> pd.DataFrame:
+    name = "interference"
+    if not isinstance(df, pd.DataFrame):
+        raise ProfileError(f"tables.{name} must be a DataFrame, got {type(df).__name__}")
+    _check_columns(name, list(df.columns), INTERFERENCE_COLUMNS)
+    df = df.reset_index(drop=True)
+    kinds = {}
+    for c in ("kind", "other_kind"):
+        kinds[c] = _check_values(df, name, c, "str")
+        for i, k in enumerate(kinds[c]):
+            if k not in KINDS:
+                raise ProfileError(f"tables.{name} row {i}: {c} {k!r} unknown; valid: {', '.join(KINDS)}")
+    sms = np.asarray(_check_values(df, name, "num_sms", "int"), dtype=np.int64)
+    slow = np.asarray(_check_values(df, name, "slowdown", "num"), dtype=np.float64)
+    _check_rows(name, (
+        (np.isnan(slow), lambda i: "slowdown is NaN"),
+        (~np.isfinite(slow) & ~np.isnan(slow), lambda i: f"slowdown is {slow[i]}"),
+        (slow < 1, lambda i: f"slowdown {slow[i]} < 1 (co-running cannot speed an op up)"),
+        ((sms < 1) | (sms > meta.num_sms), lambda i: f"num_sms {sms[i]} is outside 1..{meta.num_sms} "
+                                                     f"(meta.num_sms)"),
+    ))
+    out = pd.DataFrame({"kind": pd.Series(kinds["kind"], dtype=object),
+                        "other_kind": pd.Series(kinds["other_kind"], dtype=object),
+                        "num_sms": sms, "slowdown": np.round(slow, SLOWDOWN_DECIMALS)})
+    key = ["kind", "other_kind", "num_sms"]
+    _check_duplicates(out, name, key, "point")
+    return out.sort_values(key, kind="stable").reset_index(drop=True)
+
+
+def _build_grids(lat: pd.DataFrame, sm_grid: tuple[int, ...]) -> dict[str, _OpGrid]:
+    """Per op, check the grid is the full product contexts x tokens x SMs and index it."""
+    grids: dict[str, _OpGrid] = {}
+    for op, g in lat.groupby("op", sort=True):
+        op = str(op)
+        tokens = sorted({int(t) for t in g["tokens"]})
+        contexts = sorted({int(c) for c in g["context"]})
+        if 0 in contexts and len(contexts) > 1:
+            raise ProfileError(f"tables.latency: op {op!r} mixes context 0 (context-independent) with "
+                               f"contexts {contexts[1:]}")
+        n = len(contexts) * len(tokens) * len(sm_grid)
+        if len(g) != n:
+            present = set(zip(g["context"], g["tokens"], g["num_sms"], strict=True))
+            c, t, s = next((c, t, s) for c in contexts for t in tokens for s in sm_grid
+                           if (c, t, s) not in present)
+            raise ProfileError(f"tables.latency: op {op!r} lacks the grid point tokens={t}, context={c}, "
+                               f"num_sms={s} (each op needs every (context, tokens, num_sms) combination "
+                               f"of its grid, so interpolation is defined)")
+        # rows are sorted by (op, tokens, context, num_sms): reshape, then put context first
+        arr = g["latency_us"].to_numpy(dtype=np.float64).reshape(len(tokens), len(contexts), len(sm_grid))
+        grids[op] = _OpGrid(tokens, contexts, list(sm_grid), np.ascontiguousarray(arr.transpose(1, 0, 2)))
+    return grids
+
+
+def _bracket(grid: list[int], x: float, op: str, what: str) -> tuple[int, int, float]:
+    """Indexes (lo, hi) around x and the weight of hi; raises outside [grid[0], grid[-1]]."""
+    if not _is_num(x) or not grid[0] <= x <= grid[-1]:
+        raise ProfileRangeError(f"profile: op {op!r} {what} {x!r} is outside the profiled grid "
+                                f"[{grid[0]}, {grid[-1]}] (no extrapolation)")
+    hi = bisect.bisect_left(grid, x)
+    if grid[hi] == x:
+        return hi, hi, 0.0
+    lo = hi - 1
+    return lo, hi, (x - grid[lo]) / (grid[hi] - grid[lo])
+
+
+def _dump(d: dict[str, Any]) -> str:
+    """Canonical JSON: fixed key order, one table row per line (diff-friendly, deterministic)."""
+    out = ["{", f'  "format": {json.dumps(d["format"])},', f'  "format_version": {d["format_version"]},',
+           '  "meta": {']
+    meta = d["meta"]
+    keys = sorted(meta)
+    out += [f"    {json.dumps(k)}: {json.dumps(meta[k], allow_nan=False)}"
+            + ("," if i < len(keys) - 1 else "") for i, k in enumerate(keys)]
+    out += ["  },", '  "tables": {']
+    names = ("latency", "interference")
+    for n, name in enumerate(names):
+        t = d["tables"][name]
+        out += [f'    "{name}": {{', f'      "columns": {json.dumps(t["columns"])},', '      "data": [']
+        rows = t["data"]
+        out += [f"        {json.dumps(r, allow_nan=False)}" + ("," if i < len(rows) - 1 else "")
+                for i, r in enumerate(rows)]
+        out += ["      ]", "    }" + ("," if n < len(names) - 1 else "")]
+    out += ["  }", "}", ""]
+    return "\n".join(out)

@@ -1,0 +1,104 @@
+"""The search's input and output as plain data: no torch, no files, no profile objects.
+
+`nfsearch.plan` builds a `SearchProblem` from a model, a batch and a profile; `solve(problem)`
+returns a `Solution`; `nfsearch.plan` turns that into a schedule file. Labels in brackets refer to
+docs/formulation.md.
+
+Time is in microseconds (float) here; the solver scales it to integers internally.
+Tokens are counted in granules of `granularity_tokens`; the dense batch is `num_granules` granules,
+of which the first `decode_granules` are decode tokens and the rest prefill tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Kind = Literal["compute", "memory", "network"]
+TokenClass = Literal["all", "decode", "prefill"]
+Scope = Literal["token", "prefix"]
+Policy = Literal["auto", "sequential"]
+Status = Literal["OPTIMAL", "FEASIBLE", "INFEASIBLE", "UNKNOWN"]
+
+KINDS: tuple[Kind, ...] = ("compute", "memory", "network")
+
+
+@dataclass(frozen=True)
+class Dep:
+    """Stage op `op` (in this layer, or the previous one when `prev_layer`) must finish first.
+
+    scope "token": a nano-op on tokens [a, b) waits for the pieces of `op` that overlap [a, b).
+    scope "prefix": it waits for the pieces of `op` that overlap [start of its token class, b)
+    (prefill attention needs the K/V of all earlier prompt tokens in the batch).
+    """
+
+    op: str
+    scope: Scope = "token"
+    prev_layer: bool = False
+
+
+@dataclass(frozen=True)
+class StageOp:
+    """A schedulable op: one or more fused layer-graph ops, run as one nano-op per piece.
+
+    latency_us[n][j]: solo latency with n granules of this op's token class on sm_options[j] SMs
+    (n = 0 .. num_granules; latency_us[0][j] == 0: a piece with none of its tokens costs nothing).
+    """
+
+    name: str
+    kind: Kind
+    token_class: TokenClass
+    graph_ops: tuple[str, ...]
+    deps: tuple[Dep, ...]
+    latency_us: tuple[tuple[float, ...], ...]
+
+
+@dataclass(frozen=True)
+class SearchProblem:
+    ops: tuple[StageOp, ...]  # in a topological order of the in-layer deps
+    num_granules: int
+    granularity_tokens: int
+    decode_granules: int
+    num_sms: int
+    sm_options: tuple[int, ...]  # allowed partition sizes, ascending, the last == num_sms
+    # interference[(kind, other_kind)][j]: slowdown (>= 1) of `kind` on sm_options[j] SMs while
+    # `other_kind` runs on other SMs; a missing pair means 1.0.
+    interference: dict[tuple[Kind, Kind], tuple[float, ...]] = field(default_factory=dict)
+    num_layers: int = 1
+    tail_us: float = 0.0  # per-iteration work outside the layers (final norm, LM head): full GPU
+    max_nano_batches: int = 4
+    split_options: tuple[int, ...] = (1, 2, 4)  # pieces an op may be cut into (divisors of K used)
+    policy: Policy = "auto"
+    time_limit_s: float = 60.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class NanoOp:
+    name: str  # f"{op}.{piece}"
+    op: str
+    piece: int
+    granules: tuple[int, int]  # [start, end) of the dense batch, in granules
+    stream: Kind
+    num_sms: int
+    start_us: float  # within one layer period of the steady state
+    end_us: float
+    overlapped: bool  # stage 2 charged the interference slowdown
+
+
+@dataclass(frozen=True)
+class Solution:
+    status: Status
+    num_nano_batches: int
+    boundaries: tuple[int, ...]  # granule boundaries: 0 = b0 < b1 < ... < bK = num_granules
+    splits: dict[str, int]  # op -> number of pieces
+    nano_ops: tuple[NanoOp, ...]
+    stream_order: dict[Kind, tuple[str, ...]]  # per stream, nano-op names in issue order
+    partitions: dict[Kind, int]  # SMs per stream
+    period_us: float  # steady-state layer period T
+    layer_span_us: float  # first start to last end of one layer's nano-ops
+    iteration_us: float  # predicted: all layers + tail
+    stage1_period_us: float
+    objective_gap: float  # relative gap of the final MILP (0 when proven optimal)
+    solve_time_s: float
+    message: str = ""

@@ -1,0 +1,240 @@
+"""The executor: runs a schedule's nano-ops over the model, layer after layer.
+
+CPU: nano-ops of each layer in `schedule.topo_order()` (one thread, no streams).
+CUDA: one stream per schedule stream (on its own green-context SM partition when the schedule has
+several partitions), nano-ops issued in each stream's FIFO order, one event per cross-stream
+dependency per layer. `capture()` records embed -> all layers -> tail into one CUDA graph over
+the static buffers; `prepare(batch)` + `replay()` then run any batch of the same shape.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+
+from nfrt.batch import Batch, BatchBuffers, BatchShape, make_batch, pages_needed
+from nfrt.config import ModelConfig
+from nfrt.errors import NfrtError, ScheduleError
+from nfrt.kvcache import KVCache
+from nfrt.model import NETWORK_OPS, Model, layer_ops
+from nfrt.schedule import Schedule, load_schedule
+from nfrt.weights import Weights, default_dtype, load_hf_weights, random_weights, weight_shapes
+
+_SHAPE_FIELDS = tuple(f.name for f in fields(ModelConfig) if f.name not in ("name", "max_position"))
+
+
+def _mismatch(a: ModelConfig, b: ModelConfig) -> str | None:
+    diff = [f for f in _SHAPE_FIELDS if getattr(a, f) != getattr(b, f)]
+    return ", ".join(f"{f} {getattr(a, f)} vs {getattr(b, f)}" for f in diff) if diff else None
+
+
+class Engine:
+    """A model bound to one schedule; see the module docstring."""
+
+    def __init__(self, schedule: Schedule, model: Model, use_partitions: bool = True) -> None:
+        self.schedule = schedule
+        self.model = model
+        self.device = model.device
+        self.config = model.config
+        self.buffers: BatchBuffers | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._graph_buffers: BatchBuffers | None = None
+        self._graph_logits: torch.Tensor | None = None
+        self._check_ops()
+        self._plan()
+        self.partitions = None  # nfrt.partition.Partitions, when green contexts are in use
+        self.streams: list = []
+        if self.device.type == "cuda":
+            self.streams = self._make_streams(use_partitions)
+
+    # ---- construction --------------------------------------------------------------------
+    @classmethod
+    def from_schedule(cls, path_or_schedule: str | os.PathLike[str] | Schedule,
+                      weights: None | str | os.PathLike[str] | Weights = None,
+                      device: torch.device | str | None = None, seed: int = 0, num_pages: int | None = None,
+                      dtype: torch.dtype | None = None, use_partitions: bool = True) -> Engine:
+        """Load the schedule, build the model (random weights from `seed`, a HF folder, or a weight
+        dict) and a KV cache (`num_pages`, default: the schedule's synthetic batch plus headroom)."""
+        schedule = (path_or_schedule if isinstance(path_or_schedule, Schedule)
+                    else load_schedule(path_or_schedule))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        dtype = dtype or default_dtype(device)
+        meta = schedule.metadata
+        if meta.tp != 1:
+            raise ScheduleError(f"schedule has tp {meta.tp}: this runtime runs one GPU (tp 1) only")
+        config = meta.model_config
+        if weights is None:
+            w = random_weights(config, seed=seed, device=device, dtype=dtype)
+        elif isinstance(weights, dict):
+            w = weights
+            for key, shape in weight_shapes(config).items():
+                if key not in w or tuple(w[key].shape) != shape:
+                    got = tuple(w[key].shape) if key in w else "missing"
+                    raise ScheduleError(f"schedule is for {meta.model}: weight {key} should be {shape}, "
+                                        f"got {got}")
+        else:
+            found, w = load_hf_weights(Path(weights), device, dtype)
+            diff = _mismatch(config, found)
+            if diff:
+                raise ScheduleError(f"schedule is for {meta.model}, weights are {found.name} ({diff})")
+            config = replace(found, name=meta.model)  # the checkpoint's max_position, the schedule's name
+        num_sms = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
+                   else meta.num_sms)  # on the CPU only the model and schema are checked
+        schedule.check_compatible(meta.model, num_sms)
+        if num_pages is None:
+            synth = make_batch(meta.batch, config.vocab_size)
+            num_pages = pages_needed(synth) + len(synth.decodes) + len(synth.prefills) + 16
+        kv = KVCache.for_model(config, num_pages, device, dtype)
+        model = Model(config, w, max_tokens=meta.dense_batch, kv_cache=kv, device=device)
+        return cls(schedule, model, use_partitions)
+
+    def sequential_twin(self) -> Engine:
+        """An engine over `schedule.as_sequential()` sharing this engine's weights, KV cache and
+        activation buffers (run one at a time)."""
+        return Engine(self.schedule.as_sequential(), self.model, use_partitions=False)
+
+    def _check_ops(self) -> None:
+        known = set(layer_ops(self.config)) | set(NETWORK_OPS)
+        for st in self.schedule.streams:
+            for nop in st.nano_ops:
+                bad = [op for op in nop.ops if op not in known]
+                if bad:
+                    raise ScheduleError(f"nano-op {nop.name}: op {bad[0]} does not exist in model "
+                                        f"{self.config.name}; valid: {', '.join(sorted(known))}")
+
+    def _plan(self) -> None:
+        """Issue order, and the cross-stream dependencies that need events."""
+        s = self.schedule
+        self.stream_index = {st.name: i for i, st in enumerate(s.streams)}
+        self.order = [(self.stream_index[st], s.nano_op(name)) for st, name in s.topo_order()]
+        where = {n.name: self.stream_index[st.name] for st in s.streams for n in st.nano_ops}
+        # Same-stream dependencies hold by FIFO order; only cross-stream ones need an event.
+        self.cross = [d for d in s.dependencies if where[d.before] != where[d.after]]
+        self.waits: dict[str, list[int]] = {}  # nano-op -> indices into self.cross it waits on
+        self.records: dict[str, list[int]] = {}  # nano-op -> indices into self.cross it records
+        for i, d in enumerate(self.cross):
+            self.waits.setdefault(d.after, []).append(i)
+            self.records.setdefault(d.before, []).append(i)
+
+    def _make_streams(self, use_partitions: bool) -> list:
+        s = self.schedule
+        parts = {p.name: i for i, p in enumerate(s.partitions)}
+        if use_partitions and len(s.partitions) > 1:
+            from nfrt.partition import make_partitions
+
+            sizes = [p.num_sms for p in s.partitions]
+            self.partitions = make_partitions(sizes, device=self.device.index or 0)
+            return [self.partitions[parts[st.partition]].stream for st in s.streams]
+        # One partition (or partitions disabled): plain streams sharing all SMs.
+        return [torch.cuda.Stream(self.device) for _ in s.streams]
+
+    # ---- batches -------------------------------------------------------------------------
+    def prepare(self, batch: Batch) -> None:
+        """Copy `batch` into the static buffers (new buffers, and a stale graph, if the shape changed)."""
+        if batch.num_tokens > self.schedule.metadata.dense_batch:
+            raise ScheduleError(f"batch has {batch.num_tokens} tokens, more than the schedule's dense_batch "
+                                f"{self.schedule.metadata.dense_batch}")
+        if batch.num_decode != self.schedule.metadata.batch.decode_tokens:
+            raise ScheduleError(f"batch has {batch.num_decode} decode tokens, the schedule is for "
+                                f"{self.schedule.metadata.batch.decode_tokens}")
+        longest = max(batch.seq_lengths().values())
+        if longest > self.config.max_position:
+            raise NfrtError(f"batch: a sequence of {longest} positions exceeds max_position "
+                            f"{self.config.max_position} of {self.config.name}")
+        ps = self.model.kv.page_size
+        if self.buffers is None or not self.buffers.fits(batch, ps):
+            self.buffers = BatchBuffers(BatchShape.of(batch, ps), self.device)
+        self.buffers.prepare(batch, self.model.kv.allocator)
+        self.model.bind(self.buffers)
+
+    def synthetic_batch(self, seed: int = 0) -> Batch:
+        """The schedule's batch composition as a concrete batch (`nfrt.batch.make_batch`)."""
+        return make_batch(self.schedule.metadata.batch, self.config.vocab_size, seed=seed)
+
+    def run(self, batch: Batch | None = None) -> torch.Tensor:
+        """Eager forward of `batch` (or of the prepared one) -> float32 logits [samples, vocab]."""
+        if batch is not None:
+            self.prepare(batch)
+        self._bound()
+        logits = self._forward()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return logits.float().clone()
+
+    def _bound(self) -> BatchBuffers:
+        if self.buffers is None:
+            raise NfrtError("engine: no batch prepared (call prepare(batch) or run(batch) first)")
+        self.model.bind(self.buffers)
+        return self.buffers
+
+    # ---- execution -----------------------------------------------------------------------
+    def _forward(self) -> torch.Tensor:
+        m = self.model
+        m.embed()
+        if self.device.type != "cuda":
+            for layer in range(self.config.num_layers):
+                for _, nop in self.order:
+                    for op in nop.ops:
+                        m.run_op(layer, op, *nop.tokens)
+            return m.tail()
+        origin = torch.cuda.current_stream(self.device)
+        fork = torch.cuda.Event()
+        fork.record(origin)
+        for st in self.streams:
+            st.wait_event(fork)
+        events = [[torch.cuda.Event() for _ in self.cross] for _ in range(self.config.num_layers)]
+        for layer in range(self.config.num_layers):
+            for si, nop in self.order:
+                stream = self.streams[si]
+                for i in self.waits.get(nop.name, ()):
+                    src = layer - 1 if self.cross[i].prev_layer else layer
+                    if src >= 0:
+                        stream.wait_event(events[src][i])
+                with torch.cuda.stream(stream):
+                    for op in nop.ops:
+                        m.run_op(layer, op, *nop.tokens)
+                for i in self.records.get(nop.name, ()):
+                    events[layer][i].record(stream)
+        for st in self.streams:  # join: the tail runs on the origin stream, on all SMs
+            done = torch.cuda.Event()
+            done.record(st)
+            origin.wait_event(done)
+        return m.tail()
+
+    def capture(self) -> None:
+        """Capture the whole forward of the prepared batch's shape into one CUDA graph."""
+        if self.device.type != "cuda":
+            raise NfrtError("engine: CUDA graphs need a CUDA device")
+        self._bound()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up: Triton JIT, cuBLAS handles, allocator pools
+            self._forward()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._forward()
+        torch.cuda.synchronize(self.device)
+        self.graph, self._graph_buffers, self._graph_logits = graph, self.buffers, self.model.logits
+
+    def replay(self) -> torch.Tensor:
+        """Replay the captured graph on the prepared inputs -> the static logits buffer [samples, vocab]."""
+        if self.graph is None or self._graph_buffers is not self.buffers:
+            raise NfrtError("engine: no graph captured for the prepared batch shape (call capture())")
+        self.graph.replay()
+        return self._graph_logits
+
+    def close(self) -> None:
+        """Release the graph and the green-context partitions."""
+        self.graph = None
+        if self.partitions is not None:
+            self.partitions.close()
+            self.partitions = None

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny model configs and tiny Hugging Face checkpoint folders."""
+
+from __future__ import annotations
+
+import pytest
+from nfrt.config import ModelConfig
+
+_FALLBACK = {
+    "tiny-llama": ModelConfig(name="tiny-llama", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
+                              num_kv_heads=2, head_dim=16, intermediate_size=128, max_position=512),
+    "tiny-mixtral": ModelConfig(name="tiny-mixtral", vocab_size=256, hidden_size=64, num_layers=2,
+                                num_heads=4,
+                                num_kv_heads=2, head_dim=16, intermediate_size=96, num_experts=4, top_k=2,
+                                max_position=512),
+}
+
+
+def tiny_config(name: str) -> ModelConfig:
+    """The tiny model `name` from nfsearch.models when it defines it, else the fallback shapes."""
+    try:
+        from nfsearch.models import resolve_model
+
+        return resolve_model(name)
+    except Exception:  # registry missing or without tiny models: use the shapes in the brief
+        return _FALLBACK[name]
+
+
+@pytest.fixture(scope="session")
+def tiny_configs() -> dict[str, ModelConfig]:
+    return {name: tiny_config(name) for name in _FALLBACK}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """`tiny_checkpoint(name, seed=0)` -> a saved HF folder named `name` with random weights (cached)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    from nfrt.weights import random_weights, save_hf_checkpoint
+
+    made: dict[tuple[str, int], object] = {}
+
+    def make(name: str, seed: int = 0):
+        if (name, seed) not in made:
+            config = tiny_config(name)
+            folder = tmp_path_factory.mktemp(f"ckpt{seed}") / name
+            save_hf_checkpoint(config, random_weights(config, seed=seed), folder)
+            made[(name, seed)] = folder
+        return made[(name, seed)]
+
+    return make
