@@ -21,6 +21,7 @@ import traceback
 
 import torch
 import triton
+import triton.language as tl
 import triton.testing
 from nfrt.kernels import reference as ref
 from nfrt.kernels import triton_attention as ta
@@ -123,7 +124,42 @@ def decode_setup(n=512, ctx=1024, hq=32, hkv=8, d=128):
     return q, kc, vc, pt, lens
 
 
-CONFIGS = [ta.DecodeConfig(b, w, s, 8) for b in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+# (kernel, block_n, num_warps, num_stages): the survivors of earlier sweeps (benchmarks/kernels.md)
+CONFIGS = [ta.DecodeConfig(b, w, s, 8, kernel=k) for k, b, w, s in (
+    ("ptr", 128, 4, 2), ("ptr", 64, 4, 2), ("tma", 16, 1, 4), ("tma", 16, 1, 5), ("tma", 16, 1, 6),
+    ("tma", 16, 1, 7), ("tma", 16, 1, 8), ("tma", 16, 2, 6))]
+
+
+def cfg_name(c: ta.DecodeConfig) -> str:
+    return f"{c.kernel}{c.block_n}_w{c.num_warps}_s{c.num_stages}"
+
+
+@triton.jit
+def _read_sum(x_ptr, out_ptr, n, BLOCK: tl.constexpr, NPROG: tl.constexpr):
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in tl.range(pid * BLOCK, n, NPROG * BLOCK, num_stages=4):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(acc))
+
+
+@section("stream_read")
+def stream_read(parts, setup) -> None:
+    """The ceiling for a pure read of the same 2 GiB (the DESIGN.md streaming probe's best shape)."""
+    kc = setup[1]
+    x = kc.view(-1)
+    out = torch.empty(132 * 16, device="cuda", dtype=torch.float32)
+    res = {}
+    for name, stream in {"all": None, **parts}.items():
+        nsm = R["info"]["sms"] if stream is None else int(name)
+        best = min(timed(lambda: _read_sum[(nsm * occ,)](x, out, x.numel(), BLOCK=16384, NPROG=nsm * occ,  # noqa: B023
+                                                            num_warps=16), stream, rep=40) for occ in (2, 4))
+        res[name] = x.numel() * 2 / best / 1e6
+    res.update({f"P{k}": res[k] / res["all"] for k in parts})
+    R["stream_read"] = res
+    say("streaming read of the K cache (GB/s): " + " ".join(f"{k}={v:.0f}" if not k.startswith("P") else
+                                                           f"{k}={v:.2f}" for k, v in res.items()))
 
 
 @section("decode")
@@ -142,7 +178,7 @@ def decode(parts, setup) -> None:
     res = dict(rel_err=err, kv_bytes=kv_bytes, sweep={})
     targets = {"all": None, **parts}
     for cfg in CONFIGS:
-        key = f"b{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}"
+        key = cfg_name(cfg)
         row = {}
         for name, stream in targets.items():
             nsm = R["info"]["sms"] if stream is None else int(name)
@@ -335,6 +371,15 @@ def markdown() -> str:
                 lines.append(f"| decode attention P({n}) | {d[f'P{n}']:.2f} ({b[n]['config']}; "
                              f"all-SM config: "
                              f"{d[f'P{n}_same_config'] or 0:.2f}) | >= {bar} |")
+    if "stream_read" in R:
+        sr = R["stream_read"]
+        lines.append(f"| plain Triton streaming read (ceiling for P) | {sr['all']:.0f} GB/s; P(48) "
+                     f"{sr.get('P48', 0):.2f}, P(32) {sr.get('P32', 0):.2f} | |")
+    if "split" in R:
+        sp = R["split"]
+        lines.append("| decode 32 x 4096 (split-KV), GB/s without -> with splits | " + "; ".join(
+            f"{k}: {v['no_split_gbps']:.0f} -> {v['auto_split_gbps']:.0f}" for k, v in sp.items()
+            if k != "rel_err") + " | |")
     if "sdpa" in R:
         lines.append(f"| torch SDPA decode (dense), for comparison | {R['sdpa']['ms']:.3f} ms; P(48) "
                      f"{R['sdpa'].get('P48', 0):.2f}, P(32) {R['sdpa'].get('P32', 0):.2f} | |")
@@ -373,6 +418,7 @@ def main() -> None:
         mem_parts = {}
     copy_bw(mem_parts)
     setup = decode_setup()
+    stream_read(mem_parts, setup)
     decode(mem_parts, setup)
     sdpa(mem_parts)
     if p48 is not None:

@@ -12,6 +12,12 @@ pytestmark = [pytest.mark.gpu,
 PAGE = 16
 
 
+def _configs():
+    from nfrt.kernels import triton_attention as ta
+    return [ta.DecodeConfig(64, 4, 3, 8, kernel="ptr"), ta.DecodeConfig(16, 1, 6, 8, kernel="tma"),
+            ta.DecodeConfig(16, 2, 8, 8, kernel="tma")]
+
+
 def _rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -53,9 +59,14 @@ def test_decode_attention_matches_reference(n, hq, hkv, d, max_ctx, splits, dtyp
     q = torch.randn(n, hq, d, device="cuda", generator=gen).to(dt)
     out = torch.full((n, hq, d), float("nan"), device="cuda", dtype=dt)
     expect = torch.empty_like(out)
-    ta.decode_attention(q, kc, vc, pt, ctx, d ** -0.5, out, splits=splits)
     ref.decode_attention(q, kc, vc, pt, ctx, d ** -0.5, expect)
-    assert not out.isnan().any()
+    for cfg in _configs():
+        out.fill_(float("nan"))
+        ta.decode_attention(q, kc, vc, pt, ctx, d ** -0.5, out, splits=splits, config=cfg)
+        assert not out.isnan().any()
+        assert _rel(out, expect) < 1e-2, cfg
+    out.fill_(float("nan"))
+    ta.decode_attention(q, kc, vc, pt, ctx, d ** -0.5, out, splits=splits)  # the tuned default
     assert _rel(out, expect) < 1e-2
 
 
@@ -69,11 +80,47 @@ def test_decode_attention_split_configs_agree():
     expect = torch.empty_like(q)
     ref.decode_attention(q, kc, vc, pt, ctx, 0.088, expect)
     for s in (1, 2, 5, 16, 32):
-        for block_n in (32, 128):
+        for cfg in _configs() + [ta.DecodeConfig(32, 4, 2, 1), ta.DecodeConfig(128, 4, 2, 1)]:
             out = torch.full_like(q, float("nan"))
-            cfg = ta.DecodeConfig(block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=1)
             ta.decode_attention(q, kc, vc, pt, ctx, 0.088, out, splits=s, config=cfg)
-            assert _rel(out, expect) < 1e-2, (s, block_n)
+            assert _rel(out, expect) < 1e-2, (s, cfg)
+
+
+def test_decode_attention_on_a_non_contiguous_cache_falls_back_to_pointer_loads():
+    ref, ta, _ = _mods()
+    gen = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    kv = torch.randn(40, 2, PAGE, 8, 128, device="cuda", generator=gen).to(torch.bfloat16)
+    kc, vc = kv[:, 0], kv[:, 1]  # one allocation, K and V interleaved per page
+    pt = torch.randperm(40, device="cuda", generator=gen)[:36].view(4, 9).int()
+    ctx = torch.tensor([144, 1, 70, 100], device="cuda", dtype=torch.int32)
+    q = torch.randn(4, 32, 128, device="cuda", generator=gen).to(torch.bfloat16)
+    out = torch.full_like(q, float("nan"))
+    expect = torch.empty_like(q)
+    assert ta.decode_config(132).kernel == "tma" and not ta._tma_ok(kc, vc, PAGE, 128)
+    ta.decode_attention(q, kc, vc, pt, ctx, 0.088, out)
+    ref.decode_attention(q, kc, vc, pt, ctx, 0.088, expect)
+    assert _rel(out, expect) < 1e-2
+
+
+def test_decode_attention_ignores_garbage_past_the_context():
+    """Slots past a request's context in its last page may hold NaN (never-written cache memory)."""
+    ref, ta, _ = _mods()
+    gen = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    kc, vc, pt = _paged_cache(4, 8, 128, 300, torch.bfloat16, gen)
+    ctx = torch.tensor([300, 17, 33, 1], device="cuda", dtype=torch.int32)
+    q = torch.randn(4, 32, 128, device="cuda", generator=gen).to(torch.bfloat16)
+    expect = torch.empty_like(q)
+    ref.decode_attention(q, kc, vc, pt, ctx, 0.088, expect)
+    for i, c in enumerate(ctx.tolist()):  # poison the rest of each request's last page
+        page = int(pt[i, (c - 1) // PAGE])
+        kc[page, (c - 1) % PAGE + 1:] = float("nan")
+        vc[page, (c - 1) % PAGE + 1:] = float("nan")
+    for cfg in _configs():
+        for s in (1, 3):
+            out = torch.full_like(q, float("nan"))
+            ta.decode_attention(q, kc, vc, pt, ctx, 0.088, out, splits=s, config=cfg)
+            assert not out.isnan().any(), (cfg, s)
+            assert _rel(out, expect) < 1e-2, (cfg, s)
 
 
 @pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (8, 8, 64), (28, 4, 128)])

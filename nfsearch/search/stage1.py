@@ -7,7 +7,8 @@ math), element constraints (one-hot table lookups) and NoOverlap (pairwise disju
 
 from __future__ import annotations
 
-import os
+import math
+import time
 from dataclasses import dataclass, field
 
 from ortools.sat.python import cp_model
@@ -36,17 +37,56 @@ class StageResult:
         return self.status in ("OPTIMAL", "FEASIBLE")
 
 
-def run_solver(model: cp_model.CpModel, problem: SearchProblem,
-               time_limit_s: float) -> tuple[cp_model.CpSolver, str]:
-    """One deterministic solve: one worker, fixed seed, wall and deterministic time limits."""
+@dataclass(frozen=True)
+class Solved:
+    status: str
+    values: dict[int, int]  # proto variable index -> value of the best solution
+    bound: float  # best proven objective bound
+
+    def value(self, var) -> int:
+        return self.values[var.index]
+
+
+def _solve_once(model: cp_model.CpModel, problem: SearchProblem, time_limit_s: float,
+                interleave: bool) -> tuple[str, dict[int, int], float, float]:
     solver = cp_model.CpSolver()
-    solver.parameters.num_workers = 1
-    solver.parameters.linearization_level = 2  # big-M rows of enforced constraints in the LP
-    solver.parameters.random_seed = problem.seed
-    solver.parameters.max_time_in_seconds = max(time_limit_s, 1e-3)
-    solver.parameters.max_deterministic_time = max(time_limit_s, 1e-3)
-    status = solver.solve(model)
-    return solver, _STATUS.get(status, "UNKNOWN")
+    prm = solver.parameters
+    prm.num_workers = 1  # determinism: one thread, fixed seed
+    prm.random_seed = problem.seed
+    prm.linearization_level = 2  # big-M rows of the enforced constraints go into the LP
+    prm.interleave_search = interleave
+    prm.max_time_in_seconds = max(time_limit_s, 1e-3)
+    prm.max_deterministic_time = max(time_limit_s, 1e-3)
+    status = _STATUS.get(solver.solve(model), "UNKNOWN")
+    if status not in ("OPTIMAL", "FEASIBLE"):
+        return status, {}, -math.inf, math.inf
+    n = len(model.proto.variables)
+    values = {i: int(solver.value(model.get_int_var_from_proto_index(i))) for i in range(n)}
+    return status, values, solver.best_objective_bound, solver.objective_value
+
+
+def run_solver(model: cp_model.CpModel, problem: SearchProblem, time_limit_s: float) -> Solved:
+    """Deterministic solve in two phases: CP-SAT's default search (quick first solutions, often
+    proves small models) on a third of the budget, then, unless proven, the whole CP-SAT portfolio
+    (LNS, LP and core searches) interleaved on one thread, warm-started from phase one."""
+    t0 = time.monotonic()
+    status, values, bound, obj = _solve_once(model, problem, time_limit_s / 3, False)
+    if status in ("OPTIMAL", "INFEASIBLE"):
+        return Solved(status, values, bound)
+    rest = time_limit_s - (time.monotonic() - t0)
+    if rest <= 0.05:
+        return Solved(status, values, bound)
+    if values:
+        model.clear_hints()
+        for i, v in values.items():
+            model.add_hint(model.get_int_var_from_proto_index(i), v)
+    status2, values2, bound2, obj2 = _solve_once(model, problem, rest, True)
+    best_bound = max(bound, bound2)
+    if status2 == "INFEASIBLE" or (status2 == "OPTIMAL" and obj2 <= obj):
+        return Solved(status2, values2, bound2)
+    if values2 and obj2 <= obj:
+        return Solved("FEASIBLE", values2, best_bound)
+    return Solved(status if values else status2, values, best_bound)
 
 
 def piece_sum_bound(table: list[int], total: int, pieces: int, min_each: int,
@@ -267,8 +307,9 @@ def solve_stage1(problem: SearchProblem, k: int, time_limit_s: float,
             for i in range(p):
                 m.add_hint(piece[o.name, p, i][0], hint["start"][f"{o.name}.{i}"])
     weight = horizon + 1  # span <= horizon < weight: the sum is lexicographic (T, then span)
-    m.minimize(weight * period + (span if os.environ.get("NF_SPAN", "1") == "1" else 0))
-    solver, status = run_solver(m, problem, time_limit_s)
+    m.minimize(weight * period + span)
+    solver = run_solver(m, problem, time_limit_s)
+    status = solver.status
     if status not in ("OPTIMAL", "FEASIBLE"):
         return StageResult(status)
 
@@ -286,7 +327,7 @@ def solve_stage1(problem: SearchProblem, k: int, time_limit_s: float,
                 order.setdefault(o.kind, []).append((starts[name], int(solver.value(e)), idx, i, name))
     stream_order = {kind: tuple(t[-1] for t in sorted(v)) for kind, v in order.items()}
     t_val = int(solver.value(period))
-    bound = t_val if status == "OPTIMAL" else int(solver.best_objective_bound) // weight
+    bound = t_val if status == "OPTIMAL" else int(math.ceil(solver.bound - 1e-6)) // weight
     return StageResult(status, Structure(k, bounds, splits, stream_order), t_val,
                        int(solver.value(span)), min(bound, t_val), starts)
 

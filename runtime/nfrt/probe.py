@@ -7,6 +7,8 @@ may use; the set of SM ids seen is the stream's SM set.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -53,7 +55,10 @@ def sm_ids_cupy(stream: torch.cuda.Stream | None = None, num_programs: int = 409
     kern = cp.RawKernel(src, "smid")
     stream = stream or torch.cuda.current_stream()
     out = cp.full(num_programs, -1, dtype=cp.int32)
-    with cp.cuda.ExternalStream(stream.cuda_stream):
+    with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream; it still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ext = cp.cuda.ExternalStream(stream.cuda_stream)
+    with ext:
         kern((num_programs,), (32,), (out, cp.int64(spin_cycles)))
     stream.synchronize()
     return set(out.get().tolist())

@@ -5,20 +5,29 @@ tensors. Nothing here syncs with the host or allocates data-dependent shapes, so
 captured in a CUDA graph.
 
 Decode attention is memory-bound: it must stream the KV cache near HBM speed even on a small
-green-context partition. One program handles one (request, kv head, split): it loads each K/V tile
-once for all G query heads of that kv head (GQA), pipelines BLOCK_N-token tiles (several pages)
-with `num_stages`, and the grid has several programs per SM. When requests x kv heads gives too
-few programs for the stream's SMs, each request's context is cut into splits whose partial results
-(normalised output and log-sum-exp, base 2) a second small kernel combines.
+green-context partition. One program handles one (request, kv head, split) and loads each K/V page
+once for all G query heads of that kv head (GQA). The default variant ("tma") fetches one page per
+step with the TMA engine: one warp per program, no per-element address registers, so about ten
+programs share an SM, each with several pages in flight (what keeps the speed on few SMs; the
+pointer-load variants, kept as fallbacks, lose a third of it on 48 SMs: benchmarks/kernels.md).
+When requests x kv heads gives too few programs for the stream's SMs, each request's context is
+cut into splits whose partial results (normalised output and log-sum-exp, base 2) a second small
+kernel combines.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import triton
 import triton.language as tl
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # an older Triton: the TMA variant is unavailable
+    TensorDescriptor = None
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32  # the combine kernel reads up to this many partials per head
@@ -32,19 +41,26 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     programs_per_sm: int  # split the context until the grid has this many programs per SM
+    # "ptr": pointer loads of BLOCK_N-token tiles; "tma": one page per step through TMA descriptors
+    # (block_n is then the page size)
+    kernel: Literal["ptr", "tma"] = "ptr"
 
     def __post_init__(self) -> None:
+        if self.kernel not in ("ptr", "tma"):
+            raise ValueError(f"DecodeConfig: kernel must be 'ptr' or 'tma', got {self.kernel!r}")
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"DecodeConfig: block_n must be a power of two >= 16, got {self.block_n}")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1 or self.programs_per_sm < 1:
             raise ValueError(f"DecodeConfig: bad num_warps/num_stages/programs_per_sm {self}")
 
 
-# SM count -> config; the entry with the largest key <= the stream's SM count applies.
+# SM count -> config; the entry with the largest key <= the stream's SM count applies. Swept on an
+# H200 at 32, 48 and 132 SMs (benchmarks/kernels_bench.py): one config won at all three.
 DECODE_CONFIGS: dict[int, DecodeConfig] = {
-    0: DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=8),
-    64: DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=8),
+    0: DecodeConfig(block_n=16, num_warps=1, num_stages=6, programs_per_sm=8, kernel="tma"),
 }
+# Where TMA cannot run (non-contiguous cache, head_dim not a power of two): the best pointer config.
+PTR_CONFIG = DecodeConfig(block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, kernel="ptr")
 
 
 def decode_config(num_sms: int) -> DecodeConfig:
@@ -123,6 +139,71 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, ctx_ptr, out_ptr, po_ptr, plse_p
 
 
 @triton.jit
+def _tma_page_step(q, k_desc, v_desc, row, col, offs_n, end, m_i, l_i, acc, qk_scale, TAIL: tl.constexpr):
+    k = k_desc.load([row, col])  # [PAGE, D]
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, PAGE]
+    if TAIL:  # the last, partial page: slots past the context may hold anything (NaN too)
+        s = tl.where((offs_n < end)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = v_desc.load([row, col])  # [PAGE, D]
+    if TAIL:
+        v = tl.where((offs_n < end)[:, None], v, 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_kernel_tma(q_ptr, k_desc, v_desc, pt_ptr, ctx_ptr, out_ptr, po_ptr, plse_ptr, qk_scale,
+                       stride_qn, stride_qh, stride_pt, stride_on, stride_oh, HKV, SPLITS,
+                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                       DIRECT: tl.constexpr, STAGES: tl.constexpr):
+    # One page per step, K and V pages fetched by the TMA engine into shared memory (k_desc, v_desc
+    # view a cache as [pages * PAGE, HKV * D] with [PAGE, D] boxes): no per-element address
+    # registers, so many programs fit on an SM, each with several pages in flight.
+    pid = tl.program_id(0)
+    kvh = pid % HKV
+    split = (pid // HKV) % SPLITS
+    req = pid // (HKV * SPLITS)
+    ctx = tl.load(ctx_ptr + req)
+    per_split = tl.cdiv(tl.cdiv(ctx, SPLITS), PAGE) * PAGE  # whole pages: only the last one is partial
+    start = split * per_split
+    end = tl.minimum(start + per_split, ctx)
+
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    gmask = offs_g < G
+    heads = kvh * G + offs_g
+    q = tl.load(q_ptr + req.to(tl.int64) * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=gmask[:, None], other=0.0)  # [G_PAD, D]
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    pt_row = pt_ptr + req.to(tl.int64) * stride_pt
+    offs_p = tl.arange(0, PAGE)
+    for pg in tl.range(start // PAGE, end // PAGE, num_stages=STAGES):
+        row = tl.load(pt_row + pg) * PAGE
+        m_i, l_i, acc = _tma_page_step(q, k_desc, v_desc, row, kvh * D, offs_p, PAGE, m_i, l_i, acc,
+                                       qk_scale, TAIL=False)
+    if end % PAGE != 0:
+        pg = end // PAGE
+        row = tl.load(pt_row + pg) * PAGE
+        m_i, l_i, acc = _tma_page_step(q, k_desc, v_desc, row, kvh * D, pg * PAGE + offs_p, end, m_i, l_i,
+                                       acc, qk_scale, TAIL=True)
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if DIRECT:
+        tl.store(out_ptr + req.to(tl.int64) * stride_on + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+    else:
+        prow = (req.to(tl.int64) * (HKV * G) + heads) * SPLITS + split
+        tl.store(po_ptr + prow[:, None] * D + offs_d[None, :], o, mask=gmask[:, None])
+        tl.store(plse_ptr + prow, m_i + tl.log2(l_i), mask=gmask)
+
+
+@triton.jit
 def _combine_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_on, stride_oh, HQ, SPLITS,
                     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, S_PAD: tl.constexpr):
     pid = tl.program_id(0)
@@ -147,11 +228,22 @@ def _combine_kernel(po_ptr, plse_ptr, ctx_ptr, out_ptr, stride_on, stride_oh, HQ
              res.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
+def _tma_ok(k_cache: torch.Tensor, v_cache: torch.Tensor, page: int, d: int) -> bool:
+    """TMA boxes need contiguous caches, a page of >= 16 slots and a power-of-two head_dim."""
+    return (TensorDescriptor is not None and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and page >= 16 and page & (page - 1) == 0 and d >= 16 and d & (d - 1) == 0
+            and k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0)
+
+
 def num_splits(n: int, num_kv_heads: int, max_tokens: int, num_sms: int, cfg: DecodeConfig) -> int:
-    """Splits per request so the grid has about `programs_per_sm` programs on each SM."""
+    """Splits per request so the grid has about `programs_per_sm` programs on each SM.
+
+    No split while the grid already has half that: on the H200, 32 requests x 8 kv heads ran 10%
+    slower split in two on 48 SMs, and 15% faster split in five on 132 SMs (benchmarks/kernels.md).
+    """
     base = max(1, n * num_kv_heads)
     want = num_sms * cfg.programs_per_sm
-    if base >= want:
+    if 2 * base >= want:
         return 1
     return max(1, min(triton.cdiv(want, base), triton.cdiv(max_tokens, cfg.block_n), _MAX_SPLITS))
 
@@ -174,7 +266,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_sms is None:
         num_sms = _stream_num_sms(q.device)
     cfg = config or decode_config(num_sms)
-    block_n = max(cfg.block_n, _pow2(page, 16))
+    use_tma = cfg.kernel == "tma" and _tma_ok(k_cache, v_cache, page, d)
+    if cfg.kernel == "tma" and not use_tma:
+        cfg = replace(PTR_CONFIG, programs_per_sm=cfg.programs_per_sm)
+    block_n = page if use_tma else max(cfg.block_n, _pow2(page, 16))
     g = hq // hkv
     s = min(max(1, splits or num_splits(n, hkv, page_table.shape[1] * page, num_sms, cfg)), _MAX_SPLITS)
     if s > 1:
@@ -182,13 +277,24 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_lse = torch.empty((n, hq, s), device=q.device, dtype=torch.float32)
     else:
         part_o = part_lse = out  # unused
-    _decode_kernel[(n * hkv * s,)](
-        q, k_cache, v_cache, page_table, context_lens, out, part_o, part_lse, scale * _LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), page_table.stride(0),
-        out.stride(0), out.stride(1), hkv, s,
-        G=g, G_PAD=_pow2(g, 16), D=d, D_PAD=_pow2(d, 16), PAGE=page, BLOCK_N=block_n, DIRECT=s == 1,
-        STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+    grid = (n * hkv * s,)
+    if use_tma:
+        shape, strides = [k_cache.shape[0] * page, hkv * d], [hkv * d, 1]
+        _decode_kernel_tma[grid](
+            q, TensorDescriptor(k_cache, shape, strides, [page, d]),
+            TensorDescriptor(v_cache, shape, strides, [page, d]), page_table, context_lens, out, part_o,
+            part_lse, scale * _LOG2E, q.stride(0), q.stride(1), page_table.stride(0), out.stride(0),
+            out.stride(1), hkv, s,
+            G=g, G_PAD=_pow2(g, 16), D=d, PAGE=page, DIRECT=s == 1, STAGES=cfg.num_stages,
+            num_warps=cfg.num_warps)
+    else:
+        _decode_kernel[grid](
+            q, k_cache, v_cache, page_table, context_lens, out, part_o, part_lse, scale * _LOG2E,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), page_table.stride(0),
+            out.stride(0), out.stride(1), hkv, s,
+            G=g, G_PAD=_pow2(g, 16), D=d, D_PAD=_pow2(d, 16), PAGE=page, BLOCK_N=block_n, DIRECT=s == 1,
+            STAGES=cfg.num_stages, num_warps=cfg.num_warps)
     if s > 1:
         _combine_kernel[(n * hq,)](
             part_o, part_lse, context_lens, out, out.stride(0), out.stride(1), hq, s,

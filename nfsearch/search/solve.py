@@ -1,0 +1,193 @@
+"""`solve(problem) -> Solution`: validate, run stage 1 for every K, stage 2 on each K's structure,
+compare with the sequential schedule, and return the best. Labels refer to docs/formulation.md."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from nfsearch.errors import NfsearchError
+from nfsearch.search.problem import KINDS, NanoOp, SearchProblem, Solution
+from nfsearch.search.stage1 import StageResult, refine_hint, solve_stage1
+from nfsearch.search.stage2 import charged, piece_tokens, solve_stage2
+from nfsearch.search.timeline import (
+    SCALE,
+    Structure,
+    all_pieces,
+    granules_of,
+    layer_span_us,
+    unrolled_makespan,
+)
+
+
+def validate(problem: SearchProblem) -> None:
+    """Raise NfsearchError naming the first malformed field."""
+    def bad(msg: str) -> NfsearchError:
+        return NfsearchError(f"search problem: {msg}")
+
+    g = problem.num_granules
+    if not isinstance(g, int) or g < 1:
+        raise bad(f"num_granules must be a positive integer, got {g!r}")
+    if not 0 <= problem.decode_granules <= g:
+        raise bad(f"decode_granules {problem.decode_granules} must be in 0..num_granules ({g})")
+    sms = problem.sm_options
+    if not sms or any(b <= a for a, b in zip(sms, sms[1:], strict=False)) or sms[0] < 1:
+        raise bad(f"sm_options must be positive and strictly ascending, got {sms}")
+    if sms[-1] != problem.num_sms:
+        raise bad(f"sm_options must end at num_sms ({problem.num_sms}), got {sms}")
+    if problem.granularity_tokens < 1 or problem.num_layers < 1 or problem.max_nano_batches < 1:
+        raise bad("granularity_tokens, num_layers and max_nano_batches must be >= 1")
+    if problem.tail_us < 0 or not problem.time_limit_s > 0:
+        raise bad("tail_us must be >= 0 and time_limit_s > 0")
+    if not problem.split_options or any(not isinstance(p, int) or p < 1 for p in problem.split_options):
+        raise bad(f"split_options must be positive integers, got {problem.split_options}")
+    if problem.policy not in ("auto", "sequential"):
+        raise bad(f"policy {problem.policy!r} is not one of auto, sequential")
+    for key, row in problem.interference.items():
+        if len(key) != 2 or any(k not in KINDS for k in key):
+            raise bad(f"interference key {key!r} must be a pair of {', '.join(KINDS)}")
+        if len(row) != len(sms) or any(not (math.isfinite(f) and f >= 1.0) for f in row):
+            raise bad(f"interference[{key}] needs {len(sms)} finite slowdowns >= 1, got {row}")
+    if not problem.ops:
+        raise bad("ops is empty")
+    seen: dict[str, int] = {}
+    for idx, o in enumerate(problem.ops):
+        if o.name in seen:
+            raise bad(f"duplicate op name {o.name!r}")
+        if o.kind not in KINDS:
+            raise bad(f"op {o.name!r}: kind {o.kind!r} is not one of {', '.join(KINDS)}")
+        if o.token_class not in ("all", "decode", "prefill"):
+            raise bad(f"op {o.name!r}: token_class {o.token_class!r} is not one of all, decode, prefill")
+        lat = o.latency_us
+        if len(lat) != g + 1 or any(len(r) != len(sms) for r in lat):
+            raise bad(f"op {o.name!r}: latency_us must be {g + 1} rows (0..num_granules) of "
+                      f"{len(sms)} columns (sm_options)")
+        if any(not (math.isfinite(v) and v >= 0) for r in lat for v in r) or any(lat[0]):
+            raise bad(f"op {o.name!r}: latency_us must be finite, >= 0, and 0 for 0 granules")
+        seen[o.name] = idx
+    names = ", ".join(seen)
+    for idx, o in enumerate(problem.ops):
+        for d in o.deps:
+            if d.op not in seen:
+                raise bad(f"op {o.name!r}: dep {d.op!r} is not an op; ops: {names}")
+            if d.scope not in ("token", "prefix"):
+                raise bad(f"op {o.name!r}: dep scope {d.scope!r} is not one of token, prefix")
+            if not d.prev_layer and seen[d.op] >= idx:
+                raise bad(f"op {o.name!r}: in-layer dep {d.op!r} does not come earlier in ops "
+                          "(ops must be in a topological order)")
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    status: str
+    result: StageResult | None  # None for the sequential schedule
+    structure: Structure
+    partitions: dict[str, int]
+    start_us: dict[str, float]
+    dur_us: dict[str, float]
+    flags: dict[str, bool]
+    period_us: float
+    span_us: float
+    iteration_us: float
+    stage1_period_us: float
+    gap: float
+
+
+def _sequential(problem: SearchProblem) -> _Candidate:
+    """One nano-batch, one stream ("compute") on all SMs: the period is the sum of solo latencies."""
+    g = problem.num_granules
+    s0 = Structure(1, (0, g), {o.name: 1 for o in problem.ops}, {})
+    tokens = piece_tokens(problem, s0)
+    dur = {f"{o.name}.0": o.latency_us[tokens[f"{o.name}.0"]][-1] for o in problem.ops}
+    order = tuple(n for n in dur if tokens[n] > 0)
+    s = Structure(1, (0, g), s0.splits, {"compute": order})
+    start, t = {}, 0.0
+    for n in dur:
+        start[n] = t
+        t += dur[n]
+    return _Candidate("OPTIMAL", None, s, {"compute": problem.num_sms}, start, dur,
+                      dict.fromkeys(order, False), t, t, problem.num_layers * t + problem.tail_us, t, 0.0)
+
+
+def _from_stage2(problem: SearchProblem, r: StageResult, r1: StageResult, window: int) -> _Candidate:
+    dur, flags = charged(problem, r, window)
+    s = r.structure
+    start = {n: u / SCALE for n, u in r.start_units.items()}
+    first = min((start[n] for order in s.stream_order.values() for n in order), default=0.0)
+    start = {n: t - first for n, t in start.items()}
+    t = r.period_units / SCALE
+    gap = (r.period_units - r.period_bound_units) / r.period_units if r.period_units else 0.0
+    return _Candidate(r.status, r, s, r.partitions, start, dur, flags, t, layer_span_us(s, start, dur),
+                      unrolled_makespan(problem, s, dur) + problem.tail_us, r1.period_units / SCALE, gap)
+
+
+def _solution(problem: SearchProblem, c: _Candidate, status: str, msg: str, t0: float) -> Solution:
+    s = c.structure
+    stream_of = {n: k for k, order in s.stream_order.items() for n in order}
+    nano = tuple(NanoOp(p.name, p.op, p.index, granules_of(s.boundaries, p), stream_of[p.name],
+                        c.partitions[stream_of[p.name]], c.start_us[p.name],
+                        c.start_us[p.name] + c.dur_us[p.name], c.flags[p.name])
+                 for p in all_pieces(problem, s.num_nano_batches, s.splits) if p.name in stream_of)
+    return Solution(status, s.num_nano_batches, s.boundaries, dict(s.splits), nano,
+                    {k: v for k, v in s.stream_order.items() if v}, dict(c.partitions), c.period_us,
+                    c.span_us, c.iteration_us, c.stage1_period_us, c.gap, time.monotonic() - t0, msg)
+
+
+def solve(problem: SearchProblem) -> Solution:
+    t0 = time.monotonic()
+    validate(problem)
+    seq = _sequential(problem)
+    if problem.policy == "sequential":
+        return _solution(problem, seq, "OPTIMAL", "sequential policy: one stream, all SMs", t0)
+
+    deadline = t0 + problem.time_limit_s
+    ks = list(range(1, min(problem.max_nano_batches, problem.num_granules) + 1))
+    left = 2 * len(ks)  # sub-solves still to run; each gets an equal share of the time left
+
+    def budget() -> float:
+        nonlocal left
+        share = max(0.0, deadline - time.monotonic()) / max(left, 1)
+        left -= 1
+        return share
+
+    stage1: dict[int, StageResult] = {}
+    for k in ks:  # the outer loop of the MILP over K
+        hints = [refine_hint(problem, k, stage1[d]) for d in ks if d < k and k % d == 0 and stage1[d].ok]
+        hints = [h for h in hints if h is not None]
+        hint = min(hints, key=lambda h: (h["T"], h["span"]), default=None)
+        stage1[k] = solve_stage1(problem, k, budget(), hint)
+
+    cands = [seq]
+    statuses = [r.status for r in stage1.values()]
+    notes = []
+    for k in ks:
+        r1 = stage1[k]
+        if not r1.ok:
+            budget()
+            notes.append(f"K={k}: stage 1 {r1.status.lower()}")
+            continue
+        window = max(2, math.ceil(r1.span_units / max(r1.period_units, 1)))
+        r2 = solve_stage2(problem, r1.structure, budget(), window)
+        statuses.append(r2.status)
+        if r2.ok:
+            cands.append(_from_stage2(problem, r2, r1, window))
+            notes.append(f"K={k}: T1={r1.period_units / SCALE:g} T2={r2.period_units / SCALE:g} us")
+        else:
+            notes.append(f"K={k}: stage 1 T1={r1.period_units / SCALE:g} us, stage 2 {r2.status.lower()}")
+
+    # auto is never predicted slower than sequential: candidates must beat it on both counts
+    ok = [c for c in cands
+          if c.period_us <= seq.period_us + 1e-9 and c.iteration_us <= seq.iteration_us + 1e-9]
+    best = min(ok, key=lambda c: (round(c.period_us * SCALE), round(c.span_us * SCALE),
+                                  c.structure.num_nano_batches, c.result is not None))
+    summary = "; ".join(notes) + f"; sequential T={seq.period_us:g} us"
+    if len(cands) == 1:
+        proven = all(st == "INFEASIBLE" for st in statuses)
+        why = ("no structure beats the sequential schedule (every MILP infeasible)" if proven else
+               f"no MILP solution within time_limit_s={problem.time_limit_s:g}")
+        return _solution(problem, seq, "INFEASIBLE" if proven else "UNKNOWN",
+                         f"{why}; returning the sequential schedule ({summary})", t0)
+    status = "OPTIMAL" if all(st in ("OPTIMAL", "INFEASIBLE") for st in statuses) else "FEASIBLE"
+    chosen = "sequential" if best.result is None else f"K={best.structure.num_nano_batches}"
+    return _solution(problem, best, status, f"chose {chosen} ({summary})", t0)
