@@ -220,10 +220,25 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- GPU commands (their modules import torch only when run) ----------------------------------
+
+def add_profile_parser(sub: argparse._SubParsersAction) -> None:
+    from nfsearch.profiler.command import add_parser
+
+    add_parser(sub)
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    from nfsearch.bench import add_parser
+
+    add_parser(sub)
+
+
 # ---- entry point -------------------------------------------------------------------------------
 
 _PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    add_models_parser, add_bound_parser, add_solve_parser, add_show_parser)
+    add_models_parser, add_bound_parser, add_solve_parser, add_show_parser, add_profile_parser,
+    add_bench_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

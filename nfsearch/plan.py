@@ -13,13 +13,11 @@ from pathlib import Path
 
 from nfrt.config import BatchComposition, ModelConfig
 from nfrt.schedule import (
-    Dependency,
     LayerOp,
     Metadata,
     NanoBatch,
     NanoOp,
     OpDep,
-    Partition,
     Prediction,
     ProfileInfo,
     Schedule,
@@ -31,11 +29,12 @@ from nfrt.schedule import (
 import nfsearch
 from nfsearch.bound import Bound, compute_bound
 from nfsearch.config import SolveConfig
+from nfsearch.emit import place
 from nfsearch.errors import NfsearchError
 from nfsearch.gpus import GpuSpec, gpu_slug_for_device_name, partition_sizes, resolve_gpu
 from nfsearch.models import resolve_model
 from nfsearch.opgraph import groups, layer_ops, op_tokens, tail_ops
-from nfsearch.profile import Profile, default_profile_for, load_profile
+from nfsearch.profile import Profile, default_profile_for, load_profile, shipped_profile_path
 from nfsearch.search.problem import Dep, SearchProblem, Solution, StageOp
 from nfsearch.workload import Composition, compose_batch, parse_workload
 
@@ -135,28 +134,9 @@ def build_problem(model: ModelConfig, batch: BatchComposition, profile: Profile,
     return SearchProblem(
         ops=tuple(stage_ops), num_granules=num_granules, granularity_tokens=g,
         decode_granules=batch.decode_tokens // g, num_sms=gpu.num_sms, sm_options=sms,
+        concurrent_sms=gpu.num_sms - gpu.num_sms % gpu.sm_granularity,
         interference=interference, num_layers=model.num_layers, tail_us=round(tail_us, 3),
         max_nano_batches=cfg.max_nano_batches, policy=cfg.policy, time_limit_s=cfg.time_limit_s)
-
-
-def _cross_stream_deps(problem: SearchProblem, sol: Solution, g: int, decode_tokens: int) -> list[Dependency]:
-    """Explicit events for every dependency between nano-ops on different streams."""
-    by_op: dict[str, list] = {}
-    for n in sol.nano_ops:
-        by_op.setdefault(n.op, []).append(n)
-    class_start = {"decode": 0, "prefill": decode_tokens // g, "all": 0}
-    deps: list[Dependency] = []
-    for op in problem.ops:
-        for after in by_op.get(op.name, []):
-            a0, a1 = after.granules
-            for dep in op.deps:
-                lo = class_start[op.token_class] if dep.scope == "prefix" else a0
-                for before in by_op.get(dep.op, []):
-                    b0, b1 = before.granules
-                    if b0 < a1 and lo < b1 and before.stream != after.stream:
-                        deps.append(Dependency(before=before.name, after=after.name,
-                                               prev_layer=dep.prev_layer))
-    return deps
 
 
 def to_schedule(cfg: SolveConfig, model: ModelConfig, comp: Composition, gpu: GpuSpec, profile: Profile,
@@ -164,30 +144,26 @@ def to_schedule(cfg: SolveConfig, model: ModelConfig, comp: Composition, gpu: Gp
     g = problem.granularity_tokens
     batch = comp.batch
     groups_by_name = {op.name: op for op in problem.ops}
-    kinds_used = [k for k in ("compute", "memory", "network") if sol.stream_order.get(k)]
-    single = len(kinds_used) == 1
-    partitions, streams = [], []
-    for kind in kinds_used:
-        pname = "all" if single else f"p_{kind}"
-        sms = sol.partitions[kind]
-        partitions.append(Partition(name=pname, num_sms=sms))
-        nano = {n.name: n for n in sol.nano_ops}
-        ops = tuple(
-            NanoOp(name=nano[name].name, ops=groups_by_name[nano[name].op].graph_ops,
-                   tokens=(nano[name].granules[0] * g, nano[name].granules[1] * g), num_sms=sms)
-            for name in sol.stream_order[kind])
-        streams.append(Stream(name="main" if single else kind, kind="mixed" if single else kind,
-                              partition=pname, nano_ops=ops))
-    stream_name = {kind: ("main" if single else kind) for kind in kinds_used}
+    nano = {n.name: n for n in sol.nano_ops}
+    placed = place(problem, sol)
+    stream_name = {name: ps.name for ps in placed.streams for name in ps.nano_ops}
+    streams = tuple(
+        Stream(name=ps.name, kind=ps.kind, partition=ps.partition.name,
+               nano_ops=tuple(NanoOp(name=name, ops=groups_by_name[nano[name].op].graph_ops,
+                                     tokens=(nano[name].granules[0] * g, nano[name].granules[1] * g),
+                                     num_sms=ps.partition.num_sms)
+                              for name in ps.nano_ops))
+        for ps in placed.streams)
     bounds = sol.boundaries
     nano_batches = tuple(NanoBatch(name=f"nb{i}", start=bounds[i] * g, end=bounds[i + 1] * g)
                          for i in range(len(bounds) - 1))
     layer = tuple(LayerOp(name=op.name, kind=op.kind, token_class=op.token_class,
                           deps=tuple(OpDep(op=p, scope=s, prev_layer=prev) for p, s, prev in op.deps))
                   for op in layer_ops(model, cfg.tp))
-    tokens_per_s = batch.dense_batch / (sol.iteration_us * 1e-6)
+    # one dense batch per iteration for the whole TP group: per GPU, divide by tp
+    tokens_per_s = batch.dense_batch / (sol.iteration_us * 1e-6) / cfg.tp
     optimal = bound.optimal_tokens_per_s_per_gpu
-    timeline = tuple(TimelineEntry(nano_op=n.name, stream=stream_name[n.stream], start_us=n.start_us,
+    timeline = tuple(TimelineEntry(nano_op=n.name, stream=stream_name[n.name], start_us=n.start_us,
                                    end_us=n.end_us)
                      for n in sorted(sol.nano_ops, key=lambda n: (n.start_us, n.name)))
     prediction = Prediction(
@@ -199,14 +175,20 @@ def to_schedule(cfg: SolveConfig, model: ModelConfig, comp: Composition, gpu: Gp
         model=model.name, model_config=model, gpu=gpu.name, num_sms=gpu.num_sms, tp=cfg.tp,
         workload=cfg.workload, dense_batch=batch.dense_batch, batch=batch, num_layers=model.num_layers,
         profile=ProfileInfo(hash=profile.hash, source=profile.meta.source,
-                            path=_display_path(cfg.profile) if cfg.profile else "builtin"),
+                            path=_profile_path(cfg, model, gpu, profile)),
         solver=SolverInfo(name="ortools-cp-sat", policy=cfg.policy, status=sol.status,
                           objective_us=sol.period_us, gap=sol.objective_gap, solve_time_s=sol.solve_time_s),
         nfsearch_version=nfsearch.__version__)
-    return Schedule(schema_version=1, metadata=meta, layer=layer, partitions=tuple(partitions),
-                    streams=tuple(streams), nano_batches=nano_batches,
-                    dependencies=tuple(_cross_stream_deps(problem, sol, g, batch.decode_tokens)),
-                    prediction=prediction)
+    return Schedule(schema_version=1, metadata=meta, layer=layer,
+                    partitions=tuple(ps.partition for ps in placed.streams), streams=streams,
+                    nano_batches=nano_batches, dependencies=placed.dependencies, prediction=prediction)
+
+
+def _profile_path(cfg: SolveConfig, model: ModelConfig, gpu: GpuSpec, profile: Profile) -> str:
+    if cfg.profile:
+        return _display_path(cfg.profile)
+    shipped = shipped_profile_path(gpu.name, model.name, cfg.tp)
+    return _display_path(str(shipped)) if shipped and profile.meta.source == "measured" else "analytic"
 
 
 def _display_path(p: str) -> str:

@@ -75,7 +75,7 @@ def nano_schedule(config: ModelConfig, batch: BatchComposition, bounds: tuple[in
                     num_layers=config.num_layers, profile=ProfileInfo(hash="none", source="analytic"),
                     solver=SolverInfo(name="hand", policy="hand", status="n/a"), nfsearch_version="0.1.0")
     return Schedule(schema_version=1, metadata=meta, layer=layer_graph(config),
-                    partitions=(Partition("pa", sizes[0]), Partition("pb", sizes[1])),
+                    partitions=(Partition("pa", sizes[0]), Partition("pb", sizes[1], first_sm=sizes[0])),
                     streams=(Stream("a", "compute", "pa", tuple(a_ops)),
                              Stream("b", "memory", "pb", tuple(b_ops))),
                     nano_batches=tuple(NanoBatch(f"nb{k}", a, b) for k, (a, b) in enumerate(nbs)),

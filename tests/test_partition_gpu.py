@@ -147,3 +147,30 @@ def test_cuda_graph_captures_two_partition_streams_with_events():
             assert rel.item() < 1e-2
             want = x.float() @ w.float()
             assert ((gemm_out.float() - want).norm() / want.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_layout_ranges_are_exact_and_intersect_only_where_they_overlap():
+    """Placed partitions (the schedule's first_sm/num_sms): one split, streams over group ranges."""
+    pytest.importorskip("triton")
+    from nfrt.partition import make_layout, stream_num_sms
+    from nfrt.probe import sm_ids
+
+    layout = make_layout()
+    total, aligned = layout.total, layout.aligned
+    try:
+        low = layout.stream(0, aligned - 40)  # a compute partition at the low end
+        high = layout.stream(aligned - 40, 40)  # a memory partition at the high end
+        mid = layout.stream(aligned - 48, 16)  # overlaps both by 8
+        full = layout.stream(0, total)
+        a, b, c, f = sm_ids(low), sm_ids(high), sm_ids(mid), sm_ids(full)
+        assert (len(a), len(b), len(c), len(f)) == (aligned - 40, 40, 16, total)
+        assert not a & b
+        assert len(a & c) == 8 and len(b & c) == 8
+        assert a | b <= f
+        assert stream_num_sms(low) == aligned - 40 and stream_num_sms(full) == total
+        with pytest.raises(NfrtError, match="aligned"):
+            layout.stream(4, 16)
+    finally:
+        layout.close()

@@ -36,13 +36,14 @@ from nfrt.schedule import (
 
 DATA = Path(__file__).parent / "data"
 EXAMPLE = DATA / "tiny_llama_2stream.yaml"
+EXAMPLE3 = DATA / "tiny_llama_3stream.yaml"  # overlapping partitions: compute-132, compute-88, memory-44
 
 TINY = ModelConfig(name="tiny-llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=16, intermediate_size=128, vocab_size=256)
 
 
-def example_dict() -> dict:
-    with open(EXAMPLE, encoding="utf-8") as f:
+def example_dict(path: Path = EXAMPLE) -> dict:
+    with open(path, encoding="utf-8") as f:
         return yaml.safe_load(f)
 
 
@@ -54,8 +55,8 @@ def nano(d: dict, name: str) -> dict:
     return next(n for s in d["streams"] for n in s["nano_ops"] if n["name"] == name)
 
 
-def refused(mutate: Callable[[dict], object], match: str) -> str:
-    d = example_dict()
+def refused(mutate: Callable[[dict], object], match: str, path: Path = EXAMPLE) -> str:
+    d = example_dict(path)
     mutate(d)
     with pytest.raises(ScheduleError, match=match) as e:
         Schedule.from_dict(d)
@@ -101,7 +102,7 @@ def test_yaml_round_trip_is_byte_identical(tmp_path):
     assert (tmp_path / "b.yaml").read_bytes() == p.read_bytes()
 
 
-def test_floats_rounded_to_3_decimals_and_stable():
+def test_floats_rounded_to_3_decimals_ratios_to_6_digits_and_stable():
     rng = random.Random()
     s = example()
     vals = [rng.uniform(0, 1e4) for _ in range(8)]
@@ -109,14 +110,22 @@ def test_floats_rounded_to_3_decimals_and_stable():
                                    end_us=v + rng.uniform(0, 50))
                      for e, v in zip(s.prediction.timeline, vals, strict=False))
     pred = Prediction(period_us=vals[0], layer_span_us=vals[1], iteration_us=vals[2],
-                      tokens_per_s_per_gpu=vals[3] * 1e3, fraction_of_bound=rng.random(),
+                      tokens_per_s_per_gpu=vals[3] * 1e3, fraction_of_bound=rng.uniform(1e-7, 1e-3),
                       optimal_tokens_per_s_per_gpu=vals[4] * 1e6, speedup_vs_sequential=1 + rng.random(),
                       timeline=timeline)
-    s2 = dataclasses.replace(s, prediction=pred)
+    gap = rng.uniform(1e-9, 1e-4)
+    solver = dataclasses.replace(s.metadata.solver, objective_us=vals[5], gap=gap)
+    s2 = dataclasses.replace(s, prediction=pred, metadata=dataclasses.replace(s.metadata, solver=solver))
     text = dumps(s2)
     back = loads(text)
     assert back.prediction.period_us == round(pred.period_us, 3)
-    assert back.prediction.fraction_of_bound == round(pred.fraction_of_bound, 3)
+    assert back.metadata.solver.objective_us == round(vals[5], 3)
+    # ratios keep 6 significant digits: a tiny model's fraction of the bound does not round to 0
+    for got, want in ((back.prediction.fraction_of_bound, pred.fraction_of_bound),
+                      (back.prediction.speedup_vs_sequential, pred.speedup_vs_sequential),
+                      (back.metadata.solver.gap, gap)):
+        assert got == float(f"{want:.6g}") and got != 0
+        assert abs(got - want) <= 5e-6 * want
     for a, b in zip(back.prediction.timeline, timeline, strict=True):
         assert a.start_us == round(b.start_us, 3) and a.end_us == round(b.end_us, 3)
     assert dumps(back) == text
@@ -188,7 +197,8 @@ def test_load_errors_name_the_file(tmp_path):
         load_schedule(tmp_path / "missing.yaml")
     p = tmp_path / "bad.yaml"
     p.write_text(EXAMPLE.read_text().replace("num_sms: 132", "num_sms: 100"))
-    with pytest.raises(ScheduleError, match=rf"^{p}: partitions: partitions exceed"):
+    with pytest.raises(ScheduleError,
+                       match=rf"^{p}: partitions\[1\]: SMs \[96, 128\) exceed the GPU's 100 SMs$"):
         load_schedule(p)
 
 
@@ -248,9 +258,22 @@ RULES = [
     ("negative partition", _set(lambda d: d["partitions"][1], num_sms=-8),
      r"^partitions\[1\]\.num_sms: must be a positive integer, got -8$"),
     ("partitions exceed", _set(lambda d: d["partitions"][1], num_sms=48),
-     r"^partitions: partitions exceed the GPU's 132 SMs \(96 \+ 48 = 144\)$"),
-    ("shared partition", _set(lambda d: d["streams"][1], partition="p_compute"),
-     r"^streams\[1\]\.partition: partition p_compute is already used by stream compute"),
+     r"^partitions\[1\]: SMs \[96, 144\) exceed the GPU's 132 SMs$"),
+    ("partition placed past the GPU", _set(lambda d: d["partitions"][0], first_sm=40),
+     r"^partitions\[0\]: SMs \[40, 136\) exceed the GPU's 132 SMs$"),
+    ("negative first_sm", _set(lambda d: d["partitions"][1], first_sm=-8),
+     r"^partitions\[1\]\.first_sm: must be >= 0, got -8$"),
+    ("first_sm not an int", _set(lambda d: d["partitions"][1], first_sm=96.0),
+     r"^partitions\[1\]\.first_sm: must be an integer, got float 96\.0$"),
+    ("overlapping partitions", _set(lambda d: d["partitions"][1], first_sm=64),
+     r"^dependencies: streams compute and memory share SMs \[64, 96\) \(partitions p_compute \[0, 96\), "
+     r"p_memory \[64, 96\)\) but nano-ops qkv\.1 and attn_decode\.0 may run at the same time: "
+     r"add a dependency$"),
+    ("shared partition", _both(_set(lambda d: d["streams"][1], partition="p_compute"),
+                               _set(lambda d: nano(d, "attn_decode.0"), num_sms=96),
+                               _set(lambda d: nano(d, "attn_decode.1"), num_sms=96)),
+     r"^dependencies: streams compute and memory share SMs \[0, 96\) \(partitions p_compute \[0, 96\), "
+     r"p_compute \[0, 96\)\) but nano-ops qkv\.1 and attn_decode\.0 may run at the same time"),
     ("unknown partition", _set(lambda d: d["streams"][1], partition="p9"),
      r"^streams\[1\]\.partition: unknown partition p9; known: p_compute, p_memory$"),
     # streams and nano-ops
@@ -308,7 +331,7 @@ RULES = [
     ("cycle through FIFO order", _add_dep("mlp.1", "qkv.1"), r"^dependencies: cycle \(deadlock\)"),
     ("missing dep", _drop_dep("attn_decode.1", "mlp.1"),
      r"^dependencies: nano-op mlp\.1 may start before attn_decode\.1 finishes: add a dependency "
-     r"\(o_proj on tokens \[128,256\) needs attn_decode\)$"),
+     r"\(o_proj on tokens \[128,192\) needs attn_decode\)$"),
     ("missing kv dep", _drop_dep("qkv.0", "attn_decode.0"),
      r"nano-op attn_decode\.0 may start before qkv\.0 finishes: add a dependency"),
     # prediction
@@ -381,12 +404,120 @@ def test_prefix_dependency_needs_only_same_class_tokens():
         Schedule.from_dict(_prefix_variant(100))
 
 
+# ---- placement: overlapping partitions must be ordered ------------------------------------------
+
+def test_overlapping_partitions_example_validates_and_round_trips():
+    s = load_schedule(EXAMPLE3)
+    assert [(p.name, p.sm_range) for p in s.partitions] == [
+        ("p_all", (0, 132)), ("p_compute_88", (0, 88)), ("p_memory_44", (88, 132))]
+    assert [(st.name, st.partition) for st in s.streams] == [
+        ("compute-132", "p_all"), ("compute-88", "p_compute_88"), ("memory-44", "p_memory_44")]
+    text = dumps(s)
+    assert "{name: p_memory_44, num_sms: 44, first_sm: 88}" in text
+    assert dumps(loads(text)) == text and loads(text) == s
+    _respects_graph(s, s.topo_order())
+    s.check_compatible("tiny-llama", 132)
+    with pytest.raises(ScheduleError, match="schedule partitions use 132 SMs, the GPU has 128"):
+        s.check_compatible("tiny-llama", 128)
+
+
+def test_removing_an_ordering_dependency_is_refused_with_the_pair():
+    # mlp.0 -> mlp.1 orders compute-88 before compute-132; the data needs it not (listed apart)
+    refused(_drop_dep("mlp.0", "mlp.1"),
+            r"^dependencies: streams compute-132 and compute-88 share SMs \[0, 88\) \(partitions p_all "
+            r"\[0, 132\), p_compute_88 \[0, 88\)\) but nano-ops mlp\.1 and mlp\.0 may run at the same "
+            r"time: add a dependency$", EXAMPLE3)
+    # the data alone (K/V of each nano-batch) leaves qkv.1 on all SMs beside attn_decode.0 on [88, 132)
+    refused(_both(_drop_dep("qkv.1", "attn_decode.0"), _add_dep("qkv.0", "attn_decode.0"),
+                  _add_dep("qkv.1", "attn_decode.1")),
+            r"^dependencies: streams compute-132 and memory-44 share SMs \[88, 132\) .* nano-ops qkv\.1 and "
+            r"attn_decode\.0 may run at the same time", EXAMPLE3)
+
+
+def _all_mlp_on_88(d: dict) -> None:
+    """Both MLPs on compute-88; compute-132 runs only QKV, so nothing orders the next layer's qkv.0
+    after this layer's mlp.1 but a prev_layer dependency."""
+    mlp1 = d["streams"][0]["nano_ops"].pop()
+    d["streams"][1]["nano_ops"].append(dict(mlp1, num_sms=88))
+    d["dependencies"] = [x for x in d["dependencies"] if (x["before"], x["after"]) != ("mlp.0", "mlp.1")]
+    d["dependencies"].append({"before": "mlp.1", "after": "qkv.1", "prev_layer": True})
+    del d["prediction"]
+
+
+def test_overlap_across_layers_needs_a_prev_layer_dependency():
+    refused(_all_mlp_on_88,
+            r"^dependencies: streams compute-88 and compute-132 share SMs \[0, 88\) .* nano-ops mlp\.1 and "
+            r"the next layer's qkv\.0 may run at the same time: add a dependency with prev_layer: true$",
+            EXAMPLE3)
+    d = example_dict(EXAMPLE3)
+    _all_mlp_on_88(d)
+    d["dependencies"].append({"before": "mlp.1", "after": "qkv.0", "prev_layer": True})
+    assert Schedule.from_dict(d).stream_of("mlp.1").name == "compute-88"
+
+
+def test_placement_decides_which_streams_must_be_ordered():
+    # compute-88 and memory-44 run side by side on disjoint SMs; moved onto [0, 44), memory-44 would
+    # share SMs with compute-88 while both run
+    refused(_set(lambda d: d["partitions"][2], first_sm=0),
+            r"streams compute-88 and memory-44 share SMs \[0, 44\) \(partitions p_compute_88 \[0, 88\), "
+            r"p_memory_44 \[0, 44\)\) but nano-ops attn_prefill\.1 and attn_decode\.0 may run", EXAMPLE3)
+    # on [80, 124) it shares [80, 88) with compute-88 just the same: any intersection counts
+    refused(_set(lambda d: d["partitions"][2], first_sm=80), r"share SMs \[80, 88\) ", EXAMPLE3)
+
+
+def test_first_sm_defaults_to_0():
+    assert Partition(name="p", num_sms=8) == Partition(name="p", num_sms=8, first_sm=0)
+    assert Partition(name="p", num_sms=8, first_sm=16).sm_range == (16, 24)
+    d = example_dict()
+    assert "first_sm" not in d["partitions"][0]
+    s = Schedule.from_dict(d)
+    assert [p.sm_range for p in s.partitions] == [(0, 96), (96, 128)]
+    assert "{name: p_compute, num_sms: 96, first_sm: 0}" in dumps(s)  # written out in full
+    with pytest.raises(ScheduleError, match=r"Partition\('p'\)\.first_sm: must be >= 0, got -1"):
+        Partition(name="p", num_sms=8, first_sm=-1)
+
+
+def _random_graph_schedule(rng: random.Random, num_streams: int, num_nano: int, num_deps: int):
+    """Streams and dependencies only (what _Graph reads), acyclic within a layer: every edge goes
+    forward in one random global order; prev_layer edges go anywhere."""
+    from types import SimpleNamespace as NS
+    names = [f"n{i}" for i in range(num_nano)]
+    streams = [NS(nano_ops=[]) for _ in range(num_streams)]
+    for name in names:  # stream order follows the global order
+        rng.choice(streams).nano_ops.append(NS(name=name))
+    streams = [st for st in streams if st.nano_ops]
+    deps = []
+    for _ in range(num_deps):
+        a, b = sorted(rng.sample(range(num_nano), 2))
+        prev = rng.random() < 0.3
+        if prev and rng.random() < 0.5:
+            a, b = b, a
+        deps.append(NS(before=names[a], after=names[b], prev_layer=prev))
+    return NS(streams=streams, dependencies=deps)
+
+
+def test_reachability_closure_matches_search():
+    from nfrt.schedule_validate import _Graph
+    rng = random.Random()
+    for _ in range(10):
+        g = _Graph(_random_graph_schedule(rng, rng.randint(1, 10), rng.randint(2, 60), rng.randint(0, 80)))
+        g.check_acyclic()
+        for a in range(2 * g.n):
+            seen, stack = set(), [a]
+            while stack:
+                for w in g.succ[stack.pop()]:
+                    if w not in seen:
+                        seen.add(w)
+                        stack.append(w)
+            assert {b for b in range(2 * g.n) if g.reaches(a, b)} == seen
+
+
 # ---- derived schedules and accessors ------------------------------------------------------------
 
 def test_as_sequential_is_the_baseline():
     s = example()
     q = s.as_sequential()
-    assert [p.num_sms for p in q.partitions] == [132]
+    assert [(p.name, p.sm_range) for p in q.partitions] == [("all", (0, 132))]
     assert [st.name for st in q.streams] == ["main"] and q.streams[0].kind == "mixed"
     assert [(nb.start, nb.end) for nb in q.nano_batches] == [(0, 256)]
     assert [n.name for n in q.streams[0].nano_ops] == [f"{op.name}.0" for op in s.layer]
@@ -482,7 +613,13 @@ def test_schedule_module_imports_no_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-def test_docs_example_is_the_test_schedule():
+def test_docs_examples_are_the_test_schedules():
     doc = (Path(__file__).parents[1] / "docs" / "schedule-format.md").read_text()
-    block = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
-    assert loads(block, source="docs/schedule-format.md") == example()
+    blocks = [b.split("```", 1)[0] for b in doc.split("```yaml\n")[1:]]
+    assert len(blocks) == 2
+    assert loads(blocks[0], source="docs/schedule-format.md") == example()
+    # the 3-stream example shows the file from `partitions:` on; the rest is the first example's
+    text3 = EXAMPLE3.read_text()
+    assert blocks[1] == text3[text3.index("partitions:\n"):]
+    s3, s2 = load_schedule(EXAMPLE3), example()
+    assert (s3.metadata, s3.layer) == (s2.metadata, s2.layer)

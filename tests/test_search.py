@@ -9,11 +9,13 @@ import time
 import networkx as nx
 import numpy as np
 import pytest
+from ortools.linear_solver import pywraplp
 
 from nfsearch.errors import NfsearchError
 from nfsearch.search import Dep, SearchProblem, StageOp, solve
 from nfsearch.search.stage1 import solve_stage1
 from nfsearch.search.stage2 import solve_stage2
+from nfsearch.search.timeline import Structure
 
 SMS = (1, 2, 4)
 
@@ -123,52 +125,128 @@ def brute_stage1(pb):
     return best
 
 
-def brute_stage2(pb, s):
-    """No interference: the best partition sizes for a fixed structure."""
+def _lp_min_period(pb, pieces, deps, orders, dur, placement):
+    """Least T of the periodic schedule with the window span <= 2T, starts >= 0, and each memory
+    nano-op M placed in a gap: after item `lo` and before item `hi` of the compute stream's
+    sequence over layers l-1, l, l+1 (items are (name, layer offset); None: unbounded). GLOP LP."""
+    lp = pywraplp.Solver.CreateSolver("GLOP")
+    inf = lp.infinity()
+    t = lp.NumVar(0, inf, "T")
+    st = {n: lp.NumVar(0, inf, f"s_{n}") for n in pieces}
+    for u, v, prev in deps:
+        lp.Add(st[v] >= st[u] + dur[u] - (t if prev else 0))
+    for order in orders.values():
+        for u, v in zip(order, order[1:], strict=False):
+            lp.Add(st[v] >= st[u] + dur[u])
+        lp.Add(st[order[0]] + t >= st[order[-1]] + dur[order[-1]])
+    for n in pieces:
+        if dur[n] > 0:
+            lp.Add(st[n] + dur[n] <= 2 * t)
+    for mem, (lo, hi) in placement.items():
+        if lo is not None:
+            lp.Add(st[mem] >= st[lo[0]] + dur[lo[0]] + lo[1] * t)
+        if hi is not None:
+            lp.Add(st[mem] + dur[mem] <= st[hi[0]] + hi[1] * t)
+    lp.Minimize(t)
+    return t.solution_value() if lp.Solve() == pywraplp.Solver.OPTIMAL else float("inf")
+
+
+def brute_stage2(pb, s, scale=1.0):
+    """Every SM count of every nano-op (interference 1.0; latencies times `scale`). Concurrent
+    compute and memory nano-ops need size sum <= num_sms: a memory nano-op then sits in a gap
+    between the compute nano-ops (of layers l-1, l, l+1) it conflicts with."""
     pieces = _pieces(pb, s.num_nano_batches, s.boundaries, s.splits)
     deps = _deps(pb, pieces)
-    streams = list(s.stream_order)
+    real = [n for n, (_, _, tok, _) in pieces.items() if tok]
+    comp, mem = s.stream_order.get("compute", ()), s.stream_order.get("memory", ())
     best = float("inf")
-    for js in itertools.product(range(len(SMS)), repeat=len(streams)):
-        if sum(SMS[j] for j in js) > pb.num_sms:
-            continue
-        col = dict(zip(streams, js, strict=True))
-        dur = {n: (o.latency_us[tok][col[o.kind]] if tok else 0.0) for n, (o, _, tok, _) in pieces.items()}
-        best = min(best, _min_period(dur, deps, s.stream_order))
+    for js in itertools.product(range(len(pb.sm_options)), repeat=len(real)):
+        size = {n: pb.sm_options[j] for n, j in zip(real, js, strict=True)}
+        dur = dict.fromkeys(pieces, 0.0)
+        dur.update({n: pieces[n][0].latency_us[pieces[n][2]][j] * scale
+                    for n, j in zip(real, js, strict=True)})
+        gaps = []
+        for m in mem:
+            seq = [(c, d) for d in (-1, 0, 1) for c in comp if size[c] + size[m] > pb.num_sms]
+            gaps.append([(seq[i - 1] if i else None, seq[i] if i < len(seq) else None)
+                         for i in range(len(seq) + 1)])
+        for choice in itertools.product(*gaps):
+            best = min(best, _lp_min_period(pb, pieces, deps, s.stream_order, dur,
+                                            dict(zip(mem, choice, strict=True))))
     return best
+
+
+def tiny2(rng, sms=(1, 3, 4), interference=None):
+    """3 ops, K = 2 hand-fixed: compute qkv.0, o_proj.0, o_proj.1; memory attn_d.0, attn_d.1."""
+    g = 4
+
+    def table(kind):
+        a, b = int(rng.integers(1, 5)), int(rng.integers(1, 6))
+        return ((0.0,) * len(sms),) + tuple(
+            tuple(float((a + b * n) * (4 / s if kind == "compute" else 1.6 if s == 1 else 1 + 0.1 * (s < 4)))
+                  for s in sms) for n in range(1, g + 1))
+
+    ops = (
+        StageOp("qkv", "compute", "all", ("qkv_proj",), (Dep("o_proj", prev_layer=True),), table("compute")),
+        StageOp("attn_d", "memory", "decode", ("attn_decode",), (Dep("qkv"),), table("memory")),
+        StageOp("o_proj", "compute", "all", ("o_proj",), (Dep("attn_d"),), table("compute")),
+    )
+    pb = SearchProblem(ops, g, 16, 3, 4, sms, interference or {}, num_layers=3, tail_us=5.0,
+                       max_nano_batches=2, split_options=(1, 2), time_limit_s=30.0)
+    st = Structure(2, (0, 2, 4), {"qkv": 1, "attn_d": 2, "o_proj": 2},
+                   {"compute": ("qkv.0", "o_proj.0", "o_proj.1"), "memory": ("attn_d.0", "attn_d.1")})
+    return pb, st
+
+
+def _check_sm_sums(sol, num_sms, window=(-1, 0, 1)):
+    """Nano-ops of different streams that run at the same time (layers l-1, l, l+1) fit the GPU."""
+    ops = sol.nano_ops
+    net = max((a.num_sms for a in ops if a.stream == "network"), default=0)
+    for a in ops:
+        assert a.num_sms <= num_sms
+        if a.stream != "network":
+            assert a.num_sms + net <= num_sms
+        for b in ops:
+            if a.stream == b.stream or "network" in (a.stream, b.stream):
+                continue
+            for d in window:
+                shift = d * sol.period_us
+                if a.start_us < b.end_us + shift - 1e-6 and b.start_us + shift < a.end_us - 1e-6:
+                    assert a.num_sms + b.num_sms + net <= num_sms, (a, b, d)
 
 
 # ---- tests ------------------------------------------------------------------------------------
 
 def test_stage1_matches_brute_force():
     rng = np.random.default_rng()
-    for _ in range(2):
-        pb = tiny(rng)
-        milp = min(r.period_units for r in (solve_stage1(pb, k, 20) for k in (1, 2)) if r.ok) / 100
-        assert milp == pytest.approx(brute_stage1(pb), abs=0.011)
+    for g, d, kmax in ((4, 2, 2), (4, 1, 2), (6, int(rng.integers(1, 6)), 3)):
+        pb = tiny(rng, g=g, d=d, max_nano_batches=kmax)
+        milp = min(r.period_units for r in (solve_stage1(pb, k, 20) for k in range(1, kmax + 1)) if r.ok)
+        assert milp / 100 == pytest.approx(brute_stage1(pb), abs=0.011)
 
 
-def test_stage2_matches_brute_force_without_interference():
+@pytest.mark.parametrize("sms", [(1, 3, 4), (2, 4)])
+def test_stage2_matches_brute_force_without_interference(sms):
     rng = np.random.default_rng()
-    pb = tiny(rng)
-    r1 = solve_stage1(pb, 2, 20)
-    r2 = solve_stage2(pb, r1.structure, 20)
+    pb, st = tiny2(rng, sms)
+    r2 = solve_stage2(pb, st, 20)
     assert r2.status == "OPTIMAL"
-    assert r2.period_units / 100 == pytest.approx(brute_stage2(pb, r1.structure), abs=0.011)
-    assert sum(r2.partitions.values()) <= pb.num_sms
+    assert r2.period_units / 100 == pytest.approx(brute_stage2(pb, st), abs=0.011)
+    assert set(r2.sizes) == {"qkv.0", "o_proj.0", "o_proj.1", "attn_d.0", "attn_d.1"}
+    assert all(v in sms for v in r2.sizes.values())
+    assert r2.partitions == {k: max(r2.sizes[n] for n in o) for k, o in st.stream_order.items()}
 
 
 def test_stage2_with_interference_is_bracketed_and_consistent():
     rng = np.random.default_rng()
-    slow = {("compute", "memory"): (1.5, 1.5, 1.5), ("memory", "compute"): (2.0, 2.0, 2.0)}
-    pb = tiny(rng, interference=slow)
-    r1 = solve_stage1(pb, 2, 20)
-    t2 = solve_stage2(pb, r1.structure, 20).period_units / 100
-    lower = brute_stage2(pb, r1.structure)  # nothing charged
-    worst = dataclasses.replace(pb, ops=tuple(dataclasses.replace(o, latency_us=tuple(
-        tuple(v * 2.0 for v in row) for row in o.latency_us)) for o in pb.ops))
-    assert lower - 0.011 <= t2 <= brute_stage2(worst, r1.structure) + 0.011  # everything charged
+    slow = {("compute", "memory"): (1.5, 1.5), ("memory", "compute"): (2.0, 2.0)}
+    pb, st = tiny2(rng, (2, 4), interference=slow)
+    t2 = solve_stage2(pb, st, 20).period_units / 100
+    lower = brute_stage2(pb, st)  # nothing charged
+    assert lower - 0.011 <= t2 <= brute_stage2(pb, st, scale=2.0) + 0.011  # everything charged
+    pb = tiny(rng, interference={k: (*v, v[-1]) for k, v in slow.items()})
     sol = solve(pb)
+    _check_sm_sums(sol, pb.num_sms)
     for a in sol.nano_ops:  # a nano-op not charged meets no nano-op of another stream
         if a.overlapped:
             continue
@@ -179,6 +257,66 @@ def test_stage2_with_interference_is_bracketed_and_consistent():
                     assert a.end_us <= b.start_us + shift + 1e-6 or b.end_us + shift <= a.start_us + 1e-6
 
 
+def _latency_row(pb, n):
+    op = next(o for o in pb.ops if o.name == n.op)
+    lo, hi = {"all": (0, pb.num_granules), "decode": (0, pb.decode_granules),
+              "prefill": (pb.decode_granules, pb.num_granules)}[op.token_class]
+    return op.latency_us[max(0, min(n.granules[1], hi) - max(n.granules[0], lo))]
+
+
+def _check_idle_get_fastest(pb, sol, window=(-1, 0, 1)):
+    """A nano-op that overlaps nothing runs on its fastest size (all SMs when that is fastest)."""
+    idle = 0
+    for a in sol.nano_ops:
+        if any(a.start_us < b.end_us + d * sol.period_us - 1e-6 and b.start_us + d * sol.period_us
+               < a.end_us - 1e-6 for b in sol.nano_ops if b.stream != a.stream for d in window):
+            continue
+        idle += 1
+        row = _latency_row(pb, a)
+        assert row[pb.sm_options.index(a.num_sms)] == min(row)
+        if row[-1] < min(row[:-1]):
+            assert a.num_sms == pb.num_sms
+        assert a.end_us - a.start_us == pytest.approx(min(row))
+    return idle
+
+
+def test_idle_nano_op_gets_all_sms():
+    rng = np.random.default_rng()
+    # memory is fastest on all SMs here too, so every idle nano-op must take all 4
+    pb = tiny(rng, interference={("memory", "compute"): (1.2, 1.2, 1.2)})
+    pb = dataclasses.replace(pb, ops=tuple(dataclasses.replace(o, latency_us=tuple(
+        tuple(v * 4 / s for v, s in zip(row, SMS, strict=True)) for row in o.latency_us))
+        if o.kind == "memory" else o for o in pb.ops))
+    sol = solve(pb)
+    assert _check_idle_get_fastest(pb, sol) >= 1
+    assert any(n.num_sms == pb.num_sms for n in sol.nano_ops)
+    _check_sm_sums(sol, pb.num_sms)
+
+
+def tiny_tp(rng):
+    """tiny() plus a network all-reduce after o_proj (the next layer's qkv waits for it)."""
+    slow = {("compute", "memory"): (1.2, 1.1, 1.1), ("memory", "compute"): (1.3, 1.2, 1.1),
+            ("compute", "network"): (1.1, 1.1, 1.1)}
+    pb = tiny(rng, interference=slow)
+    net = tuple((0.0, 0.0, 0.0) if n == 0 else (3.0 + n, 1.0 + n, 1.0 + n)
+                for n in range(pb.num_granules + 1))
+    ops = (dataclasses.replace(pb.ops[0], deps=(Dep("ar", prev_layer=True),)), *pb.ops[1:],
+           StageOp("ar", "network", "all", ("attn_allreduce",), (Dep("o_proj"),), net))
+    return dataclasses.replace(pb, ops=ops)
+
+
+def test_network_partition_and_concurrent_sizes_fit():
+    rng = np.random.default_rng()
+    pb = tiny_tp(rng)
+    sol = solve(pb)
+    assert sol.status in ("OPTIMAL", "FEASIBLE")
+    net = {n.num_sms for n in sol.nano_ops if n.stream == "network"}
+    assert len(net) <= 1  # one static partition for the whole network stream
+    _check_sm_sums(sol, pb.num_sms)
+    for k, order in sol.stream_order.items():
+        assert sol.partitions[k] == max(n.num_sms for n in sol.nano_ops if n.name in order)
+
+
 def test_sequential_policy_is_the_sum_of_solo_latencies():
     rng = np.random.default_rng()
     pb = tiny(rng, policy="sequential")
@@ -187,6 +325,7 @@ def test_sequential_policy_is_the_sum_of_solo_latencies():
     assert sol.period_us == pytest.approx(total)
     assert sol.iteration_us == pytest.approx(pb.num_layers * total + pb.tail_us)
     assert sol.num_nano_batches == 1 and list(sol.partitions.values()) == [pb.num_sms]
+    assert all(n.num_sms == pb.num_sms for n in sol.nano_ops)
 
 
 def test_auto_never_slower_than_sequential_and_deterministic():
@@ -260,3 +399,5 @@ def test_realistic_instance_within_a_minute():
     assert wall < 60.0
     assert sol.status in ("OPTIMAL", "FEASIBLE")
     assert sol.period_us < seq.period_us  # this profile leaves room to overlap decode attention
+    _check_sm_sums(sol, pb.num_sms)
+    _check_idle_get_fastest(pb, sol)

@@ -64,6 +64,10 @@ class SearchProblem:
     # interference[(kind, other_kind)][j]: slowdown (>= 1) of `kind` on sm_options[j] SMs while
     # `other_kind` runs on other SMs; a missing pair means 1.0.
     interference: dict[tuple[Kind, Kind], tuple[float, ...]] = field(default_factory=dict)
+    # SMs that nano-ops running at the same time on different streams may use together; 0 means
+    # num_sms. The runtime's SM layout splits the GPU into 8-SM groups, so on a 132-SM GPU only
+    # 128 are placeable side by side; the 4 left over serve a nano-op that takes the whole GPU.
+    concurrent_sms: int = 0
     num_layers: int = 1
     tail_us: float = 0.0  # per-iteration work outside the layers (final norm, LM head): full GPU
     max_nano_batches: int = 4
@@ -80,7 +84,7 @@ class NanoOp:
     piece: int
     granules: tuple[int, int]  # [start, end) of the dense batch, in granules
     stream: Kind
-    num_sms: int
+    num_sms: int  # this nano-op's own SM count [S2.size]
     start_us: float  # within one layer period of the steady state
     end_us: float
     overlapped: bool  # stage 2 charged the interference slowdown
@@ -94,7 +98,7 @@ class Solution:
     splits: dict[str, int]  # op -> number of pieces
     nano_ops: tuple[NanoOp, ...]
     stream_order: dict[Kind, tuple[str, ...]]  # per stream, nano-op names in issue order
-    partitions: dict[Kind, int]  # SMs per stream
+    partitions: dict[Kind, int]  # per stream, the largest num_sms of its nano-ops (see formulation.md)
     period_us: float  # steady-state layer period T
     layer_span_us: float  # first start to last end of one layer's nano-ops
     iteration_us: float  # predicted: all layers + tail

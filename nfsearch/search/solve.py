@@ -34,6 +34,8 @@ def validate(problem: SearchProblem) -> None:
     sms = problem.sm_options
     if not sms or any(b <= a for a, b in zip(sms, sms[1:], strict=False)) or sms[0] < 1:
         raise bad(f"sm_options must be positive and strictly ascending, got {sms}")
+    if not 0 <= problem.concurrent_sms <= problem.num_sms:
+        raise bad(f"concurrent_sms must be in 0..num_sms ({problem.num_sms}), got {problem.concurrent_sms}")
     if sms[-1] != problem.num_sms:
         raise bad(f"sm_options must end at num_sms ({problem.num_sms}), got {sms}")
     if problem.granularity_tokens < 1 or problem.num_layers < 1 or problem.max_nano_batches < 1:
@@ -83,7 +85,8 @@ class _Candidate:
     status: str
     result: StageResult | None  # None for the sequential schedule
     structure: Structure
-    partitions: dict[str, int]
+    partitions: dict[str, int]  # stream -> the largest SM count of its nano-ops
+    sizes: dict[str, int]  # non-empty nano-op -> its SM count
     start_us: dict[str, float]
     dur_us: dict[str, float]
     flags: dict[str, bool]
@@ -106,27 +109,31 @@ def _sequential(problem: SearchProblem) -> _Candidate:
     for n in dur:
         start[n] = t
         t += dur[n]
-    return _Candidate("OPTIMAL", None, s, {"compute": problem.num_sms}, start, dur,
-                      dict.fromkeys(order, False), t, t, problem.num_layers * t + problem.tail_us, t, 0.0)
+    return _Candidate("OPTIMAL", None, s, {"compute": problem.num_sms}, dict.fromkeys(order, problem.num_sms),
+                      start, dur, dict.fromkeys(order, False), t, t,
+                      problem.num_layers * t + problem.tail_us, t, 0.0)
 
 
 def _from_stage2(problem: SearchProblem, r: StageResult, r1: StageResult, window: int) -> _Candidate:
-    dur, flags = charged(problem, r, window)
+    sizes, dur, flags = charged(problem, r, window)
     s = r.structure
+    # [S2.polish] may have grown sizes: a stream's partition is the largest size its nano-ops use
+    parts = {k: max(sizes[n] for n in order) for k, order in s.stream_order.items() if order}
     start = {n: u / SCALE for n, u in r.start_units.items()}
     first = min((start[n] for order in s.stream_order.values() for n in order), default=0.0)
     start = {n: t - first for n, t in start.items()}
     t = r.period_units / SCALE
     gap = (r.period_units - r.period_bound_units) / r.period_units if r.period_units else 0.0
-    return _Candidate(r.status, r, s, r.partitions, start, dur, flags, t, layer_span_us(s, start, dur),
-                      unrolled_makespan(problem, s, dur) + problem.tail_us, r1.period_units / SCALE, gap)
+    return _Candidate(r.status, r, s, parts, sizes, start, dur, flags, t,
+                      layer_span_us(s, start, dur), unrolled_makespan(problem, s, dur) + problem.tail_us,
+                      r1.period_units / SCALE, gap)
 
 
 def _solution(problem: SearchProblem, c: _Candidate, status: str, msg: str, t0: float) -> Solution:
     s = c.structure
     stream_of = {n: k for k, order in s.stream_order.items() for n in order}
     nano = tuple(NanoOp(p.name, p.op, p.index, granules_of(s.boundaries, p), stream_of[p.name],
-                        c.partitions[stream_of[p.name]], c.start_us[p.name],
+                        c.sizes[p.name], c.start_us[p.name],
                         c.start_us[p.name] + c.dur_us[p.name], c.flags[p.name])
                  for p in all_pieces(problem, s.num_nano_batches, s.splits) if p.name in stream_of)
     return Solution(status, s.num_nano_batches, s.boundaries, dict(s.splits), nano,
@@ -141,14 +148,12 @@ def solve(problem: SearchProblem) -> Solution:
     if problem.policy == "sequential":
         return _solution(problem, seq, "OPTIMAL", "sequential policy: one stream, all SMs", t0)
 
-    deadline = t0 + problem.time_limit_s
     ks = list(range(1, min(problem.max_nano_batches, problem.num_granules) + 1))
-    left = 2 * len(ks)  # sub-solves still to run; each gets an equal share of the time left
+    # Each sub-solve gets a fixed share of the limit in deterministic time, so the same problem
+    # gives the same schedule on any machine (wall-clock shares would not).
+    share = problem.time_limit_s / (2 * len(ks))
 
     def budget() -> float:
-        nonlocal left
-        share = max(0.0, deadline - time.monotonic()) / max(left, 1)
-        left -= 1
         return share
 
     stage1: dict[int, StageResult] = {}

@@ -8,7 +8,6 @@ math), element constraints (one-hot table lookups) and NoOverlap (pairwise disju
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 from ortools.sat.python import cp_model
@@ -29,8 +28,9 @@ class StageResult:
     span_units: int = -1
     period_bound_units: int = 0  # proven lower bound on T for this sub-problem
     start_units: dict[str, int] = field(default_factory=dict)  # every piece (empty ones too)
-    partitions: dict[str, int] = field(default_factory=dict)  # stage 2 only: stream -> SMs
+    partitions: dict[str, int] = field(default_factory=dict)  # stage 2 only: stream -> largest size
     dur_units: dict[str, int] = field(default_factory=dict)  # stage 2 only: charged durations
+    sizes: dict[str, int] = field(default_factory=dict)  # stage 2 only: non-empty nano-op -> SMs
 
     @property
     def ok(self) -> bool:
@@ -47,7 +47,12 @@ class Solved:
         return self.values[var.index]
 
 
-def _solve_once(model: cp_model.CpModel, problem: SearchProblem, time_limit_s: float,
+# Wall-clock limits make a solve depend on the machine's speed; deterministic time (CP-SAT's own
+# work counter) does not. Budgets are deterministic time; the wall limit is only a safety net.
+WALL_SAFETY_FACTOR = 4.0
+
+
+def _solve_once(model: cp_model.CpModel, problem: SearchProblem, budget: float,
                 interleave: bool) -> tuple[str, dict[int, int], float, float]:
     solver = cp_model.CpSolver()
     prm = solver.parameters
@@ -55,8 +60,8 @@ def _solve_once(model: cp_model.CpModel, problem: SearchProblem, time_limit_s: f
     prm.random_seed = problem.seed
     prm.linearization_level = 2  # big-M rows of the enforced constraints go into the LP
     prm.interleave_search = interleave
-    prm.max_time_in_seconds = max(time_limit_s, 1e-3)
-    prm.max_deterministic_time = max(time_limit_s, 1e-3)
+    prm.max_deterministic_time = max(budget, 1e-3)
+    prm.max_time_in_seconds = max(WALL_SAFETY_FACTOR * budget, 1.0)
     status = _STATUS.get(solver.solve(model), "UNKNOWN")
     if status not in ("OPTIMAL", "FEASIBLE"):
         return status, {}, -math.inf, math.inf
@@ -65,22 +70,20 @@ def _solve_once(model: cp_model.CpModel, problem: SearchProblem, time_limit_s: f
     return status, values, solver.best_objective_bound, solver.objective_value
 
 
-def run_solver(model: cp_model.CpModel, problem: SearchProblem, time_limit_s: float) -> Solved:
+def run_solver(model: cp_model.CpModel, problem: SearchProblem, budget: float) -> Solved:
     """Deterministic solve in two phases: CP-SAT's default search (quick first solutions, often
     proves small models) on a third of the budget, then, unless proven, the whole CP-SAT portfolio
-    (LNS, LP and core searches) interleaved on one thread, warm-started from phase one."""
-    t0 = time.monotonic()
-    status, values, bound, obj = _solve_once(model, problem, time_limit_s / 3, False)
+    (LNS, LP and core searches) interleaved on one thread, warm-started from phase one.
+    `budget` is in CP-SAT deterministic-time units (about seconds), so the result does not depend
+    on the machine's speed."""
+    status, values, bound, obj = _solve_once(model, problem, budget / 3, False)
     if status in ("OPTIMAL", "INFEASIBLE"):
-        return Solved(status, values, bound)
-    rest = time_limit_s - (time.monotonic() - t0)
-    if rest <= 0.05:
         return Solved(status, values, bound)
     if values:
         model.clear_hints()
         for i, v in values.items():
             model.add_hint(model.get_int_var_from_proto_index(i), v)
-    status2, values2, bound2, obj2 = _solve_once(model, problem, rest, True)
+    status2, values2, bound2, obj2 = _solve_once(model, problem, 2 * budget / 3, True)
     best_bound = max(bound, bound2)
     if status2 == "INFEASIBLE" or (status2 == "OPTIMAL" and obj2 <= obj):
         return Solved(status2, values2, bound2)

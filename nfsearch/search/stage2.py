@@ -1,10 +1,11 @@
 """Stage 2 MILP: keep stage 1's structure (K, boundaries, splits, per-stream order) and choose the
-SM partition of every stream, charging interference where nano-ops of different streams overlap.
+SM count of every nano-op, charging interference where nano-ops of different streams overlap.
 Labels in brackets refer to docs/formulation.md.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from ortools.sat.python import cp_model
@@ -12,6 +13,7 @@ from ortools.sat.python import cp_model
 from nfsearch.search.problem import SearchProblem
 from nfsearch.search.stage1 import StageResult, run_solver
 from nfsearch.search.timeline import (
+    SCALE,
     Structure,
     all_pieces,
     dependency_edges,
@@ -19,6 +21,8 @@ from nfsearch.search.timeline import (
     own_granules,
     to_units,
 )
+
+NETWORK = "network"  # the one stream whose partition is fixed for the whole stream [S2.net]
 
 
 def slowdown(problem: SearchProblem, kind: str, other: str, j: int) -> float:
@@ -31,35 +35,110 @@ def piece_tokens(problem: SearchProblem, s: Structure) -> dict[str, int]:
             for p in all_pieces(problem, s.num_nano_batches, s.splits)}
 
 
+class _Costs:
+    """Durations in solver units of the non-empty nano-ops of a structure, per SM option and per
+    set of other streams met (the slowdown is the largest of theirs)."""
+
+    def __init__(self, problem: SearchProblem, s: Structure):
+        self.problem = problem
+        self.ops = {o.name: o for o in problem.ops}
+        self.tokens = piece_tokens(problem, s)
+        self.stream_of = {n: k for k, order in s.stream_order.items() for n in order}
+        self.streams = [k for k, order in s.stream_order.items() if order]
+        self.others = {a: [b for b in self.streams if b != a] for a in self.streams}
+        self.met_sets = {a: [c for r in range(len(o) + 1) for c in itertools.combinations(o, r)]
+                         for a, o in self.others.items()}
+
+    def latency_us(self, n: str, j: int) -> float:
+        return self.ops[n.rsplit(".", 1)[0]].latency_us[self.tokens[n]][j]
+
+    def factor(self, n: str, j: int, met) -> float:
+        return max((slowdown(self.problem, self.stream_of[n], b, j) for b in met), default=1.0)
+
+    def units(self, n: str, j: int, met=()) -> int:
+        return to_units(self.latency_us(n, j) * self.factor(n, j, met))
+
+    def worst(self, n: str, js) -> int:
+        return max(self.units(n, j, self.others[self.stream_of[n]]) for j in js)
+
+
+def size_candidates(c: _Costs) -> dict[str, list[int]]:
+    """[S2.cand] SM options (indices) that some optimal solution uses, per non-empty nano-op, and for
+    the network stream under the key NETWORK. Sound restriction, by exchange arguments:
+    - network: drop an option when a smaller one is no slower for every network nano-op and every
+      set of streams met (a smaller static partition only relaxes [S2.sms-net]);
+    - compute/memory: a nano-op may use at most cap = N - s_net - (largest size among the nano-ops
+      of the other compute/memory stream that it overlaps, or 0); replacing its size by the fastest
+      option <= cap (ties: fewest SMs) for its set of streams met keeps every constraint and
+      shortens it. So its candidates are those best responses over the caps that the other
+      stream's candidates allow; iterated to a fixed point (the sets only shrink)."""
+    p = c.problem
+    sm, nj, big = p.sm_options, len(p.sm_options), p.num_sms
+    conc = p.concurrent_sms or big  # [S2.sms] side by side, only this many SMs are placeable
+    net_ops = [n for n, a in c.stream_of.items() if a == NETWORK]
+    net: list[int] = []
+    # ascending: a dominating option is smaller, so it is already kept (or dominated by a kept one)
+    for j in range(nj if net_ops else 0):
+        if not any(all(c.units(n, jj, met) <= c.units(n, j, met)
+                       for n in net_ops for met in c.met_sets[NETWORK]) for jj in net):
+            net.append(j)
+    net_sizes = [sm[j] for j in net] if net_ops else [0]
+    cm = [a for a in c.streams if a != NETWORK]
+    cand = {n: set(range(nj)) for n, a in c.stream_of.items() if a != NETWORK}
+    changed = True
+    while changed:  # Gauss-Seidel rounds, streams in a fixed order (deterministic)
+        changed = False
+        for a in cm:
+            other = {0} | {sm[j] for n, b in c.stream_of.items() if b in cm and b != a for j in cand[n]}
+            caps = sorted({big if sn == 0 and o == 0 else conc - sn - o for sn in net_sizes for o in other})
+            for n in (n for n, b in c.stream_of.items() if b == a):
+                best = set()
+                for cap in caps:
+                    fit = [j for j in range(nj) if sm[j] <= cap]
+                    for met in (c.met_sets[a] if fit else ()):
+                        best.add(min(fit, key=lambda j, met=met: (c.units(n, j, met), j)))
+                if best != cand[n]:
+                    cand[n] = best
+                    changed = True
+    out = {n: sorted(v) for n, v in cand.items()}
+    if net_ops:
+        out[NETWORK] = net
+    return out
+
+
 def solve_stage2(problem: SearchProblem, s: Structure, time_limit_s: float,
                  window_layers: int = 2) -> StageResult:
     """`window_layers` = m: the layer span is held to m*T [S2.window], so a nano-op can only meet
     nano-ops of layers l-(m-1) .. l+(m-1) (m = 2: the previous, the same and the next layer)."""
-    ops = {o.name: o for o in problem.ops}
-    nj = len(problem.sm_options)
-    tokens = piece_tokens(problem, s)
-    stream_of = {n: k for k, order in s.stream_order.items() for n in order}
-    streams = [k for k, order in s.stream_order.items() if order]
-
-    def units(n: str, j: int, other: str | None) -> int:
-        lat = ops[n.rsplit(".", 1)[0]].latency_us[tokens[n]][j]
-        return to_units(lat * (slowdown(problem, stream_of[n], other, j) if other else 1.0))
-
-    others = {a: [b for b in streams if b != a] for a in streams}
-    horizon = 1 + sum(max(units(n, j, b) for j in range(nj) for b in [None, *others[stream_of[n]]])
-                      for n in stream_of)
+    c = _Costs(problem, s)
+    sm, big = problem.sm_options, problem.num_sms
+    conc = problem.concurrent_sms or big
+    stream_of, streams, others = c.stream_of, c.streams, c.others
+    cand = size_candidates(c)  # [S2.cand]
+    if any(not v for v in cand.values()):
+        return StageResult("INFEASIBLE", s)  # no size fits next to the network partition
+    opts = {n: cand[NETWORK if a == NETWORK else n] for n, a in stream_of.items()}
+    horizon = 1 + sum(c.worst(n, opts[n]) for n in stream_of)
     m = cp_model.CpModel()
     period = m.new_int_var(0, horizon, "T")
     span = m.new_int_var(0, horizon, "span")
     m.add(span <= window_layers * period)  # [S2.window]
 
-    y = {(a, j): m.new_bool_var(f"y_{a}_{j}") for a in streams for j in range(nj)}
-    for a in streams:
-        m.add_exactly_one(y[a, j] for j in range(nj))  # [S2.choice] one partition size per stream
-    # [S2.sms] partitions are disjoint and static: their sizes add up to at most the GPU
-    m.add(sum(problem.sm_options[j] * y[a, j] for a in streams for j in range(nj)) <= problem.num_sms)
+    def one_hot(tag: str, js: list[int]) -> dict[int, cp_model.IntVar]:
+        lits = {j: m.new_bool_var(f"y_{tag}_{sm[j]}") for j in js}
+        m.add_exactly_one(lits.values())  # [S2.size] / [S2.net] one SM count
+        return lits
 
-    start, end, dur, ov = {}, {}, {}, {}
+    net_y = one_hot(NETWORK, cand[NETWORK]) if NETWORK in cand else None
+    s_net = sum(sm[j] * v for j, v in net_y.items()) if net_y else 0
+    y, size = {}, {}
+    for n, a in stream_of.items():
+        y[n] = net_y if a == NETWORK else one_hot(n, opts[n])
+        size[n] = sum(sm[j] * v for j, v in y[n].items())
+        if a != NETWORK and net_y and max(sm[j] for j in opts[n]) + max(sm[j] for j in net_y) > conc:
+            m.add(size[n] + s_net <= conc)  # [S2.sms-net] beside the static network partition
+
+    start, end, dur, hit = {}, {}, {}, {}
     for p in all_pieces(problem, s.num_nano_batches, s.splits):
         n = p.name
         start[n] = m.new_int_var(0, horizon, f"s_{n}")
@@ -67,19 +146,18 @@ def solve_stage2(problem: SearchProblem, s: Structure, time_limit_s: float,
             end[n] = start[n]
             continue
         a = stream_of[n]
-        lo = min(units(n, j, None) for j in range(nj))
-        hi = max(units(n, j, b) for j in range(nj) for b in [None, *others[a]])
-        dur[n] = m.new_int_var(lo, hi, f"d_{n}")
+        dur[n] = m.new_int_var(min(c.units(n, j) for j in opts[n]), c.worst(n, opts[n]), f"d_{n}")
         end[n] = m.new_int_var(0, horizon, f"e_{n}")
         m.add(end[n] == start[n] + dur[n])
         m.add(span >= end[n])
-        for j in range(nj):  # [S2.lat] latency_us[n][j], times the slowdown when overlapped
-            m.add(dur[n] >= units(n, j, None)).only_enforce_if(y[a, j])
-            for b in others[a]:
-                if any(slowdown(problem, a, b, jj) > 1.0 for jj in range(nj)):
-                    if (n, b) not in ov:
-                        ov[n, b] = m.new_bool_var(f"ov_{n}_{b}")
-                    m.add(dur[n] >= units(n, j, b)).only_enforce_if([y[a, j], ov[n, b]])
+        # [S2.lat] d >= sum_j y_j L[n][j], and, when n meets stream b, >= sum_j y_j L[n][j] f_b[j]
+        # (the one-hot y makes these sums the chosen entry: the product y * hit is never formed)
+        m.add(dur[n] >= sum(c.units(n, j) * v for j, v in y[n].items()))
+        for b in others[a]:
+            if any(c.units(n, j, (b,)) > c.units(n, j) for j in opts[n]):
+                hit[n, b] = m.new_bool_var(f"hit_{n}_{b}")
+                m.add(dur[n] >= sum(c.units(n, j, (b,)) * v for j, v in y[n].items())
+                      ).only_enforce_if(hit[n, b])
 
     for a in streams:
         order = s.stream_order[a]
@@ -93,21 +171,29 @@ def solve_stage2(problem: SearchProblem, s: Structure, time_limit_s: float,
         else:
             m.add(start[v] >= end[u])  # [S2.prec]
 
-    # [S2.overlap] i (stream a, layer l) and j (stream b, layer l+d) are disjoint, or both pay
+    # [S2.overlap] i (stream a, layer l) and j (stream b, layer l+d) are disjoint, or ov_ij = 1;
+    # ov_ij charges both sides' slowdown and, for compute vs memory, bounds their SM sum [S2.sms]
     for ia, a in enumerate(streams):
         for b in streams[ia + 1:]:
             for i in s.stream_order[a]:
                 for jn in s.stream_order[b]:
-                    pay = [ov[k] for k in ((i, b), (jn, a)) if k in ov]
-                    if not pay:
+                    pay = [hit[k] for k in ((i, b), (jn, a)) if k in hit]
+                    share = NETWORK not in (a, b) and (
+                        max(sm[x] for x in opts[i]) + max(sm[x] for x in opts[jn])
+                        + (max(sm[x] for x in net_y) if net_y else 0) > conc)
+                    if not pay and not share:
                         continue
+                    ov = m.new_bool_var(f"ov_{i}_{jn}")
                     for d in range(-(window_layers - 1), window_layers):
                         before = m.new_bool_var(f"bef_{i}_{jn}_{d}")
                         after = m.new_bool_var(f"aft_{i}_{jn}_{d}")
                         m.add(end[i] <= start[jn] + d * period).only_enforce_if(before)
                         m.add(end[jn] + d * period <= start[i]).only_enforce_if(after)
-                        for lit in pay:
-                            m.add_bool_or([before, after, lit])
+                        m.add_bool_or([before, after, ov])
+                    for lit in pay:
+                        m.add_implication(ov, lit)
+                    if share:
+                        m.add(size[i] + size[jn] + s_net <= conc).only_enforce_if(ov)  # [S2.sms]
 
     weight = horizon + 1  # lexicographic: T, then span
     m.minimize(weight * period + span)
@@ -117,32 +203,64 @@ def solve_stage2(problem: SearchProblem, s: Structure, time_limit_s: float,
         return StageResult(status, s)
     t_val = int(solver.value(period))
     bound = t_val if status == "OPTIMAL" else int(math.ceil(solver.bound - 1e-6)) // weight
-    parts = {a: problem.sm_options[next(j for j in range(nj) if solver.value(y[a, j]))] for a in streams}
+    sizes = {n: sm[next(j for j, v in y[n].items() if solver.value(v))] for n in stream_of}
+    # a stream's partition: the largest size its nano-ops use (the static one, for network)
+    parts = {a: max(sizes[n] for n in s.stream_order[a]) for a in streams}
     return StageResult(status, s, t_val, int(solver.value(span)), min(bound, t_val),
                        {n: int(solver.value(v)) for n, v in start.items()}, parts,
-                       {n: int(solver.value(v)) for n, v in dur.items()})
+                       {n: int(solver.value(v)) for n, v in dur.items()}, sizes)
 
 
 def charged(problem: SearchProblem, r: StageResult, window_layers: int = 2
-            ) -> tuple[dict[str, float], dict[str, bool]]:
-    """Exact durations (us) and overlapped flags of a stage 2 solution: a nano-op is charged the
-    slowdown of each other stream it really meets in the solver's periodic schedule (max over them)."""
+            ) -> tuple[dict[str, int], dict[str, float], dict[str, bool]]:
+    """SM counts, exact durations (us) and overlapped flags of a stage 2 solution, at the solver's
+    start times and period. A nano-op is charged the slowdown of each other stream it really meets
+    (max over them), on its own SM count.
+
+    [S2.polish] Then, one nano-op at a time (a fixed order) until nothing changes, a compute/memory
+    nano-op takes the fastest option that fits beside the network partition and the nano-ops of the
+    other stream it really meets, when that is strictly faster. Durations only shrink, so every
+    constraint still holds at the same starts and period; a nano-op meeting nothing gets the
+    fastest size overall (the solver leaves a nano-op off the critical path at any size)."""
     s = r.structure
     assert s is not None
-    ops = {o.name: o for o in problem.ops}
-    tokens = piece_tokens(problem, s)
-    stream_of = {n: k for k, order in s.stream_order.items() for n in order}
-    t = r.period_units
-    dur = dict.fromkeys(tokens, 0.0)
-    flags: dict[str, bool] = {}
-    for n, a in stream_of.items():
-        j = problem.sm_options.index(r.partitions[a])
-        base = ops[n.rsplit(".", 1)[0]].latency_us[tokens[n]][j]
-        s0, e0 = r.start_units[n], r.start_units[n] + r.dur_units[n]
-        met = {b for jn, b in stream_of.items() if b != a
-               for d in range(-(window_layers - 1), window_layers)
-               if s0 < r.start_units[jn] + r.dur_units[jn] + d * t and r.start_units[jn] + d * t < e0}
-        factor = max((slowdown(problem, a, b, j) for b in met), default=1.0)
-        dur[n] = base * factor
-        flags[n] = bool(met) and factor > 1.0
-    return dur, flags
+    c = _Costs(problem, s)
+    sm, t = problem.sm_options, r.period_units / SCALE
+    sizes = dict(r.sizes)
+    start = {n: r.start_units[n] / SCALE for n in c.stream_of}
+    s_net = max((sizes[n] for n, a in c.stream_of.items() if a == NETWORK), default=0)
+
+    def meets(n: str, dur: dict[str, float]) -> list[str]:
+        s0, e0 = start[n], start[n] + dur[n]
+        return [jn for jn, b in c.stream_of.items() if b != c.stream_of[n] and dur[jn] > 0 and dur[n] > 0
+                and any(s0 < start[jn] + dur[jn] + d * t and start[jn] + d * t < e0
+                        for d in range(-(window_layers - 1), window_layers))]
+
+    def exact(n: str, j: int, dur: dict[str, float]) -> float:
+        met = {c.stream_of[jn] for jn in meets(n, dur)}
+        return c.latency_us(n, j) * c.factor(n, j, met)
+
+    dur = {n: r.dur_units[n] / SCALE for n in c.stream_of}  # the solver's (upper bounds)
+    dur = {n: exact(n, sm.index(sizes[n]), dur) for n in c.stream_of}
+    changed = True
+    while changed:  # durations only shrink and a size only changes when strictly faster: it ends
+        changed = False
+        for n, a in c.stream_of.items():
+            d_now = exact(n, sm.index(sizes[n]), dur)  # partners may have shrunk away
+            if d_now < dur[n] - 1e-9:
+                dur[n], changed = d_now, True
+            if a == NETWORK:
+                continue
+            beside = [sizes[jn] for jn in meets(n, dur) if c.stream_of[jn] != NETWORK]
+            cap = (problem.num_sms if not beside and not s_net
+                   else (problem.concurrent_sms or problem.num_sms) - s_net - max(beside, default=0))
+            fit = [jj for jj in range(len(sm)) if sm[jj] <= cap] or [sm.index(sizes[n])]
+            j = min(fit, key=lambda jj: (exact(n, jj, dur), jj))
+            d_new = exact(n, j, dur)
+            if d_new < dur[n] - 1e-9:
+                sizes[n], dur[n], changed = sm[j], d_new, True
+    full = dict.fromkeys(c.tokens, 0.0)
+    full.update(dur)
+    flags = {n: any(c.factor(n, sm.index(sizes[n]), (c.stream_of[jn],)) > 1.0 for jn in meets(n, dur))
+             for n in c.stream_of}
+    return sizes, full, flags

@@ -124,15 +124,28 @@ class Engine:
             self.records.setdefault(d.before, []).append(i)
 
     def _make_streams(self, use_partitions: bool) -> list:
-        s = self.schedule
-        parts = {p.name: i for i, p in enumerate(s.partitions)}
-        if use_partitions and len(s.partitions) > 1:
-            from nfrt.partition import make_partitions
+        """One CUDA stream per schedule stream, on a green context over its partition's SM range.
 
-            sizes = [p.num_sms for p in s.partitions]
-            self.partitions = make_partitions(sizes, device=self.device.index or 0)
-            return [self.partitions[parts[st.partition]].stream for st in s.streams]
-        # One partition (or partitions disabled): plain streams sharing all SMs.
+        Partitions are placed ranges of one SM layout (`nfrt.partition.make_layout`); ranges may
+        overlap only between streams the schedule orders, so concurrent kernels never share SMs."""
+        s = self.schedule
+        parts = {p.name: p for p in s.partitions}
+        if use_partitions and any(p.num_sms != s.metadata.num_sms for p in s.partitions):
+            ranges = sorted(p.sm_range for p in s.partitions)
+            if all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:], strict=False)):
+                # disjoint: exact sizes from one split (the largest may take the unaligned rest)
+                from nfrt.partition import make_partitions
+
+                index = {p.name: i for i, p in enumerate(s.partitions)}
+                self.partitions = make_partitions([p.num_sms for p in s.partitions],
+                                                  device=self.device.index or 0)
+                return [self.partitions[index[st.partition]].stream for st in s.streams]
+            from nfrt.partition import make_layout
+
+            self.partitions = make_layout(device=self.device.index or 0)
+            return [self.partitions.stream(parts[st.partition].first_sm, parts[st.partition].num_sms)
+                    for st in s.streams]
+        # Every stream on all SMs (or partitions disabled): plain streams.
         return [torch.cuda.Stream(self.device) for _ in s.streams]
 
     # ---- batches -------------------------------------------------------------------------

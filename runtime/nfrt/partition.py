@@ -206,3 +206,86 @@ def make_partitions(sizes: list[int], device: int = 0) -> Partitions:
         out.close()
         raise
     return out
+
+
+@dataclass(eq=False)
+class SmLayout:
+    """The GPU's SMs split once into aligned groups; streams over contiguous ranges of them.
+
+    Slot ranges follow the schedule's placement (`Partition.first_sm`): slots [0, aligned) are the
+    groups in split order (`granularity` SMs each), and the unaligned left-over SMs (4 on a
+    132-SM Hopper) are reachable only by a range that covers the whole GPU. Two ranges share SMs
+    iff they intersect, so a schedule that orders nano-ops on intersecting ranges never runs two
+    kernels on one SM at once, while each stream still gets exactly its SM count.
+    """
+
+    device: int
+    total: int
+    granularity: int
+    groups: list[Any] = field(repr=False)
+    remainder: Any = field(repr=False)
+    _ctxs: list[Any] = field(default_factory=list, repr=False)
+    _streams: list[Any] = field(default_factory=list, repr=False)  # (handle, torch stream)
+    _closed: bool = False
+
+    @property
+    def aligned(self) -> int:
+        return self.granularity * len(self.groups)
+
+    def stream(self, first_sm: int, num_sms: int) -> torch.cuda.Stream:
+        """A new non-blocking stream on a green context over SM slots [first_sm, first_sm + num_sms)."""
+        drv = _driver()
+        if num_sms == self.total and first_sm == 0:
+            resources = [*self.groups, *([self.remainder] if self.remainder is not None else [])]
+        else:
+            g = self.granularity
+            end = first_sm + num_sms
+            if first_sm % g or num_sms % g or num_sms <= 0 or first_sm < 0 or end > self.aligned:
+                raise NfrtError(f"SM range [{first_sm}, {first_sm + num_sms}) must be {g}-aligned within the "
+                                f"{self.aligned} aligned SMs (or cover all {self.total})")
+            resources = self.groups[first_sm // g:(first_sm + num_sms) // g]
+        dev = _check(drv.cuDeviceGet(self.device), "cuDeviceGet")
+        desc = _check(drv.cuDevResourceGenerateDesc(resources, len(resources)), "cuDevResourceGenerateDesc")
+        ctx = _check(drv.cuGreenCtxCreate(desc, dev, drv.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM),
+                     "cuGreenCtxCreate")
+        self._ctxs.append(ctx)
+        h = _check(drv.cuGreenCtxStreamCreate(ctx, drv.CUstream_flags.CU_STREAM_NON_BLOCKING, 0),
+                   "cuGreenCtxStreamCreate")
+        s = torch.cuda.ExternalStream(int(h), device=torch.device("cuda", self.device))
+        _STREAM_SMS[int(h)] = num_sms
+        self._streams.append((h, s))
+        return s
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        drv = _driver()
+        for h, s in self._streams:
+            s.synchronize()
+            _STREAM_SMS.pop(int(h), None)
+            _check(drv.cuStreamDestroy(h), "cuStreamDestroy")
+        for c in self._ctxs:
+            _check(drv.cuGreenCtxDestroy(c), "cuGreenCtxDestroy")
+        self._closed = True
+
+
+def make_layout(device: int = 0) -> SmLayout:
+    """Split the device's SMs once into groups of its partition granularity (8 on Hopper)."""
+    if not torch.cuda.is_available():
+        raise NfrtError("make_layout: CUDA is not available")
+    drv = _driver()
+    torch.cuda.init()
+    torch.zeros(1, device=f"cuda:{device}")
+    dev = _check(drv.cuDeviceGet(device), "cuDeviceGet")
+    res = _check(drv.cuDeviceGetDevResource(dev, drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM),
+                 "cuDeviceGetDevResource")
+    total = int(res.sm.smCount)
+    gran = _granularity(res.sm, torch.cuda.get_device_capability(device)[0])
+    want = total // gran
+    groups, n, rem = _check(drv.cuDevSmResourceSplitByCount(want, res, 0, gran),
+                            f"cuDevSmResourceSplitByCount({want} x {gran} SMs)")
+    if n != want:
+        raise NfrtError(f"make_layout: asked {want} groups of {gran} SMs, the driver made {n}")
+    remainder = rem if int(rem.sm.smCount) > 0 else None
+    return SmLayout(device=device, total=total, granularity=gran, groups=list(groups)[:n],
+                    remainder=remainder)

@@ -171,10 +171,19 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def _ratio(v: Any) -> Any:
+    """A ratio rounded to 6 significant digits: a tiny model's fraction of the bound (3e-4) must
+    not round to 0. Re-rounding the result gives the same float, so the bytes stay stable."""
+    if isinstance(v, float):
+        return float(f"{v:.6g}") + 0.0
+    return v
+
+
 class _Record:
     """Base of the schedule's records: fields checked against `_spec`, dict I/O in field order."""
 
     _spec: ClassVar[dict[str, Check]] = {}
+    _ratios: ClassVar[frozenset[str]] = frozenset()  # fields written with 6 significant digits
 
     def __post_init__(self) -> None:
         name = getattr(self, "name", None)
@@ -183,7 +192,8 @@ class _Record:
             object.__setattr__(self, f.name, self._spec[f.name](getattr(self, f.name), _join(label, f.name)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+        return {f.name: (_ratio if f.name in self._ratios else _plain)(getattr(self, f.name))
+                for f in fields(self)}  # type: ignore[arg-type]
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "") -> Any:
@@ -233,11 +243,21 @@ class LayerOp(_Record):
 
 @dataclass(frozen=True)
 class Partition(_Record):
-    """A disjoint slice of the GPU's SMs (one green context)."""
+    """SM slots [first_sm, first_sm + num_sms) of the GPU's layout (one green context).
+
+    Partitions may overlap; streams on overlapping partitions must be ordered by dependencies
+    (docs/schedule-format.md, "Placement").
+    """
 
     name: str
     num_sms: int
-    _spec: ClassVar[dict[str, Check]] = {"name": _name, "num_sms": _pos_int}
+    first_sm: int = 0
+    _spec: ClassVar[dict[str, Check]] = {"name": _name, "num_sms": _pos_int, "first_sm": _nonneg_int}
+
+    @property
+    def sm_range(self) -> tuple[int, int]:
+        """[start, end) of the SM slots it occupies."""
+        return (self.first_sm, self.first_sm + self.num_sms)
 
 
 @dataclass(frozen=True)
@@ -308,6 +328,7 @@ class Prediction(_Record):
         "tokens_per_s_per_gpu": _nonneg, "fraction_of_bound": _nonneg,
         "optimal_tokens_per_s_per_gpu": _nonneg, "speedup_vs_sequential": _optional(_pos),
         "timeline": _records(TimelineEntry)}
+    _ratios: ClassVar[frozenset[str]] = frozenset({"fraction_of_bound", "speedup_vs_sequential"})
 
 
 @dataclass(frozen=True)
@@ -330,6 +351,7 @@ class SolverInfo(_Record):
     _spec: ClassVar[dict[str, Check]] = {
         "name": _name, "policy": _choice("auto", "sequential", "hand"), "status": _name,
         "objective_us": _optional(_float), "gap": _optional(_nonneg), "solve_time_s": _optional(_nonneg)}
+    _ratios: ClassVar[frozenset[str]] = frozenset({"gap"})
 
 
 @dataclass(frozen=True)
@@ -429,7 +451,7 @@ class Schedule(_Record):
                     for op in schedule_validate.layer_order(layer))
         meta = replace(metadata, solver=SolverInfo(name="sequential", policy="sequential", status="n/a"))
         return cls(schema_version=SCHEMA_VERSION, metadata=meta, layer=tuple(layer),
-                   partitions=(Partition(name="all", num_sms=n),),
+                   partitions=(Partition(name="all", num_sms=n, first_sm=0),),
                    streams=(Stream(name="main", kind="mixed", partition="all", nano_ops=ops),),
                    nano_batches=(NanoBatch(name="nb0", start=0, end=dense),))
 
@@ -446,7 +468,7 @@ class Schedule(_Record):
                                 f"supports ({schema_version_supported})")
         if self.metadata.model != model_name:
             raise ScheduleError(f"schedule is for {self.metadata.model}, engine runs {model_name}")
-        used = sum(p.num_sms for p in self.partitions)
+        used = max(p.first_sm + p.num_sms for p in self.partitions)  # the layout is [0, used)
         if used > num_sms:
             raise ScheduleError(f"schedule partitions use {used} SMs, the GPU has {num_sms}")
         if self.metadata.num_sms != num_sms:
@@ -478,7 +500,8 @@ _HEADER = f"# nfsearch schedule, schema {SCHEMA_VERSION}: see docs/schedule-form
 
 
 def dumps(schedule: Schedule) -> str:
-    """Deterministic YAML text: field order fixed, floats rounded to 3 decimals, no timestamps."""
+    """Deterministic YAML text: field order fixed, floats rounded to 3 decimals (ratios to 6
+    significant digits), no timestamps."""
     body = yaml.dump(schedule.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=None,
                      width=100, allow_unicode=True)
     return _HEADER + body

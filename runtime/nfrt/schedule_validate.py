@@ -4,7 +4,8 @@ Dependencies are checked on a graph over two consecutive layers: nodes (layer, n
 stream order within a layer, the last nano-op of each stream in layer 0 to its first in layer 1
 (streams are FIFO across layers), and the explicit dependencies (`prev_layer` ones from layer 0 to
 layer 1). Cross-layer edges only go forward, so two layers show every cycle and every ordering
-that an unrolled run of any number of layers has.
+that an unrolled run of any number of layers has. Reachability on it is one transitive closure,
+computed once, as bitsets (Python ints): a schedule has ~60 nano-ops, so a row is two machine words.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 from nfrt.errors import ScheduleError
 
 if TYPE_CHECKING:
-    from nfrt.schedule import LayerOp, Schedule
+    from nfrt.schedule import LayerOp, Partition, Schedule
 
 
 def validate(s: Schedule) -> None:
@@ -29,6 +30,7 @@ def validate(s: Schedule) -> None:
     graph = _Graph(s)
     graph.check_acyclic()
     _check_implied(s, graph)
+    _check_shared_sms(s, graph)
     _check_prediction(s)
 
 
@@ -99,13 +101,11 @@ def _check_partitions_and_streams(s: Schedule, ancestors: dict[str, set[str]]) -
         if p.name in sizes:
             _fail(f"partitions[{i}].name: duplicate partition {p.name}")
         sizes[p.name] = p.num_sms
-    total = sum(sizes.values())
-    if total > s.metadata.num_sms:
-        _fail(f"partitions: partitions exceed the GPU's {s.metadata.num_sms} SMs "
-              f"({' + '.join(map(str, sizes.values()))} = {total})")
+        start, end = p.sm_range
+        if end > s.metadata.num_sms:
+            _fail(f"partitions[{i}]: SMs [{start}, {end}) exceed the GPU's {s.metadata.num_sms} SMs")
     if not s.streams:
         _fail("streams: must list at least one stream")
-    stream_of_partition: dict[str, str] = {}
     stream_names: set[str] = set()
     nano_stream: dict[str, str] = {}
     dense = s.metadata.dense_batch
@@ -116,10 +116,6 @@ def _check_partitions_and_streams(s: Schedule, ancestors: dict[str, set[str]]) -
         stream_names.add(st.name)
         if st.partition not in sizes:
             _fail(f"{path}.partition: unknown partition {st.partition}; known: {_known(sizes)}")
-        if st.partition in stream_of_partition:
-            _fail(f"{path}.partition: partition {st.partition} is already used by stream "
-                  f"{stream_of_partition[st.partition]} (partitions must not overlap)")
-        stream_of_partition[st.partition] = st.name
         if not st.nano_ops:
             _fail(f"{path}.nano_ops: must list at least one nano-op")
         for j, n in enumerate(st.nano_ops):
@@ -172,8 +168,20 @@ def _check_nano_batches(s: Schedule) -> list[int]:
     return bounds
 
 
+def class_range(token_class: str, decode_tokens: int, dense_batch: int) -> tuple[int, int]:
+    """The tokens an op of this class acts on: decode tokens come first in the dense batch."""
+    if token_class == "decode":
+        return 0, decode_tokens
+    if token_class == "prefill":
+        return decode_tokens, dense_batch
+    return 0, dense_batch
+
+
 def _check_tokens(s: Schedule, bounds: list[int]) -> None:
-    """Token ranges fall on nano-batch boundaries; each layer op's pieces cover the batch once."""
+    """Token ranges fall on nano-batch boundaries; each layer op's pieces cover its class's tokens once.
+
+    A decode-only op needs no piece over prefill-only nano-batches (and vice versa); at most one.
+    """
     seg = {b: k for k, b in enumerate(bounds)}
     count: dict[str, list[list[str]]] = {op.name: [[] for _ in bounds[1:]] for op in s.layer}
     for i, st in enumerate(s.streams):
@@ -185,9 +193,12 @@ def _check_tokens(s: Schedule, bounds: list[int]) -> None:
             for op in n.ops:
                 for k in range(seg[n.tokens[0]], seg[n.tokens[1]]):
                     count[op][k].append(n.name)
+    batch = s.metadata.batch
     for op in s.layer:
+        lo, hi = class_range(op.token_class, batch.decode_tokens, batch.dense_batch)
         for k, holders in enumerate(count[op.name]):
-            if len(holders) != 1:
+            needed = bounds[k] < hi and lo < bounds[k + 1]
+            if len(holders) > 1 or (needed and not holders):
                 times = "not covered" if not holders else (
                     "covered twice" if len(holders) == 2 else f"covered {len(holders)} times")
                 by = f" (by {', '.join(holders)})" if holders else ""
@@ -233,13 +244,15 @@ class _Graph:
         for a, b in self.layer_edges:
             self.succ[a].add(b)
             self.succ[n + a].add(n + b)
-        self._reach: dict[int, set[int]] = {}
+        self._order: list[int] | None = None  # topological order of both layers
+        self._reach: list[int] | None = None  # bit w of _reach[v]: a path v -> w exists
 
     def label(self, v: int) -> str:
         return f"{self.names[v % self.n]}{'@next' if v >= self.n else ''}"
 
-    def check_acyclic(self) -> None:
-        """Kahn's algorithm; if nodes remain, walk back along remaining predecessors to a cycle."""
+    def check_acyclic(self) -> list[int]:
+        """A topological order of both layers (Kahn's algorithm); if nodes remain, walk back along
+        remaining predecessors to a cycle and name it."""
         total = 2 * self.n
         indeg = [0] * total
         preds: list[list[int]] = [[] for _ in range(total)]
@@ -248,16 +261,18 @@ class _Graph:
                 indeg[b] += 1
                 preds[b].append(a)
         ready = [v for v in range(total) if not indeg[v]]
-        done = set(ready)
+        order = list(ready)
         while ready:
             v = ready.pop()
             for w in self.succ[v]:
                 indeg[w] -= 1
                 if not indeg[w]:
-                    done.add(w)
+                    order.append(w)
                     ready.append(w)
-        if len(done) == total:
-            return
+        if len(order) == total:
+            self._order = order
+            return order
+        done = set(order)
         v = min(set(range(total)) - done)
         path: list[int] = []
         while v not in path:
@@ -268,15 +283,17 @@ class _Graph:
               + " -> ".join(self.label(c) for c in cycle + cycle[:1]))
 
     def reaches(self, a: int, b: int) -> bool:
-        if a not in self._reach:
-            seen, stack = set(), [a]
-            while stack:
-                for w in self.succ[stack.pop()]:
-                    if w not in seen:
-                        seen.add(w)
-                        stack.append(w)
-            self._reach[a] = seen
-        return b in self._reach[a]
+        """A path a -> b of at least one edge (the graph is acyclic, so never a -> a)."""
+        if self._reach is None:
+            # closure in reverse topological order: each row ORs its successors' finished rows
+            reach = [0] * (2 * self.n)
+            for v in reversed(self._order or self.check_acyclic()):
+                row = 0
+                for w in self.succ[v]:
+                    row |= reach[w] | (1 << w)
+                reach[v] = row
+            self._reach = reach
+        return bool(self._reach[a] >> b & 1)
 
     def topo_one_layer(self, key: list[tuple]) -> list[int]:
         succ: list[list[int]] = [[] for _ in range(self.n)]
@@ -304,13 +321,20 @@ def _check_implied(s: Schedule, g: _Graph) -> None:
         for nop in st.nano_ops:
             for op in nop.ops:
                 holders[op].append((g.index[nop.name], nop.tokens, nop.ops))
-    decode = s.metadata.batch.decode_tokens
+    batch = s.metadata.batch
+    kind_of = {op.name: op.token_class for op in s.layer}
     for op in s.layer:
+        op_lo, op_hi = class_range(op.token_class, batch.decode_tokens, batch.dense_batch)
         for dep in op.deps:
+            pred_lo, pred_hi = class_range(kind_of[dep.op], batch.decode_tokens, batch.dense_batch)
             for x, (a, b), _ in holders[op.name]:
-                lo = a if dep.scope == "token" else (decode if op.token_class == "prefill" else 0)
+                if not (a < op_hi and op_lo < b):
+                    continue  # no tokens of this op's class here: nothing runs, nothing needed
+                # the pred tokens this piece reads: its own tokens, or its class's prefix up to b
+                lo = max(a, op_lo) if dep.scope == "token" else op_lo
+                lo, hi = max(lo, pred_lo), min(b, op_hi, pred_hi)
                 for y, (c, d), _ in holders[dep.op]:
-                    if not (c < b and lo < d):
+                    if not (c < hi and lo < d):
                         continue
                     if y == x and not dep.prev_layer:
                         continue  # same nano-op: the op-list order check already put dep.op first
@@ -319,7 +343,47 @@ def _check_implied(s: Schedule, g: _Graph) -> None:
                     before = f"the previous layer's {g.names[y]}" if dep.prev_layer else g.names[y]
                     hint = " with prev_layer: true" if dep.prev_layer else ""
                     _fail(f"dependencies: nano-op {g.names[x]} may start before {before} finishes: "
-                          f"add a dependency{hint} ({op.name} on tokens [{lo},{b}) needs {dep.op})")
+                          f"add a dependency{hint} ({op.name} on tokens [{lo},{hi}) needs {dep.op})")
+
+
+def _check_shared_sms(s: Schedule, g: _Graph) -> None:
+    """Streams whose partitions intersect share SMs: every pair of their nano-ops must be ordered,
+    in one layer and across consecutive layers (layer 1 never precedes layer 0, so across layers
+    both x -> y@next and y -> x@next are needed). One stream with itself is ordered by FIFO."""
+    part = {p.name: p for p in s.partitions}
+    nodes: list[list[int]] = [[] for _ in s.streams]
+    for v in range(g.n):
+        nodes[g.stream_idx[v]].append(v)
+    n = g.n
+    for i, si in enumerate(s.streams):
+        pi = part[si.partition]
+        for j in range(i + 1, len(s.streams)):
+            sj = s.streams[j]
+            pj = part[sj.partition]
+            lo, hi = max(pi.first_sm, pj.first_sm), min(pi.sm_range[1], pj.sm_range[1])
+            if lo >= hi:
+                continue
+            for x in nodes[i]:
+                for y in nodes[j]:
+                    if not (g.reaches(x, y) or g.reaches(y, x)):
+                        first, second, nxt = (si, x), (sj, y), False
+                    elif not g.reaches(x, n + y):
+                        first, second, nxt = (si, x), (sj, y), True
+                    elif not g.reaches(y, n + x):
+                        first, second, nxt = (sj, y), (si, x), True
+                    else:
+                        continue
+                    (sa, a), (sb, b) = first, second
+                    later = "the next layer's " if nxt else ""
+                    hint = " with prev_layer: true" if nxt else ""
+                    _fail(f"dependencies: streams {sa.name} and {sb.name} share SMs [{lo}, {hi}) "
+                          f"(partitions {sa.partition} {_span(part[sa.partition])}, {sb.partition} "
+                          f"{_span(part[sb.partition])}) but nano-ops {g.names[a]} and {later}{g.names[b]} "
+                          f"may run at the same time: add a dependency{hint}")
+
+
+def _span(p: Partition) -> str:
+    return f"[{p.sm_range[0]}, {p.sm_range[1]})"
 
 
 def _check_prediction(s: Schedule) -> None:

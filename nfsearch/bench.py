@@ -1,0 +1,497 @@
+"""`nfsearch bench`: a schedule against its sequential twin on this GPU, in one run.
+
+One process builds the engine of the schedule (random weights from `--seed`) and its sequential
+twin (`Engine.sequential_twin()`: the same weights, KV cache and activation buffers), captures
+both as CUDA graphs, and replays them interleaved, so that clock and thermal drift hit both alike;
+the twin also runs eagerly (`Model.forward_sequential`, the same ops with no graph). Beside that it
+measures the ceilings (bf16 GEMM 8192^3 via torch.matmul, a 1 GiB `copy_`), the bound (measured
+peak / (2 x active params), through `nfsearch.bound.compute_bound`), and checks the outputs: the
+nano-batched logits of a fresh batch must equal the sequential ones within bf16 tolerance, or no
+speed is reported. The JSON record always goes to `--out` (atomic write).
+
+Truncation (`--layers L` of a model of N): the model runs its first L layers, and the prediction
+is rescaled from the schedule's steady state: predicted_L = (L - 1) * period + span + tail, with
+tail = iteration - ((N - 1) * period + span) so that predicted_N is the schedule's own
+iteration_us; the sequential prediction scales its per-layer part: seq_L = L * (seq_N - tail) / N
++ tail, where seq_N = iteration_us * speedup_vs_sequential. The bound is that of the L-layer
+model (its active parameters), since that is what runs; it counts the LM head for every token
+while the runtime applies it at the sample positions only, so a truncated run's fraction of the
+bound reads high (only full-depth fractions compare with the paper's).
+
+This module imports no torch at import time: the CLI registers it on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shlex
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from nfrt.schedule import Prediction, Schedule, load_schedule
+
+from nfsearch.errors import NfsearchError
+
+DEFAULT_ITERS = 20
+DEFAULT_WARMUP = 3
+DEFAULT_RTOL = 3e-2  # max |nano - seq| over max |seq|: bf16 logits after a multi-layer forward
+DEFAULT_OUT = "benchmarks/runs"
+GEMM_N = 8192
+COPY_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    schedule: str
+    layers: int | None = None  # None: the model's full depth
+    iters: int = DEFAULT_ITERS
+    warmup: int = DEFAULT_WARMUP
+    seed: int = 0
+    rtol: float = DEFAULT_RTOL
+    out: str = DEFAULT_OUT
+    partitions: bool = True
+    breakdown: bool = False
+
+    def __post_init__(self) -> None:
+        if self.layers is not None and self.layers < 1:
+            raise NfsearchError(f"--layers must be >= 1, got {self.layers}")
+        if self.iters < 1:
+            raise NfsearchError(f"--iters must be >= 1, got {self.iters}")
+        if self.warmup < 0:
+            raise NfsearchError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.seed < 0:
+            raise NfsearchError(f"--seed must be >= 0, got {self.seed}")
+        if not 0 < self.rtol < 1:
+            raise NfsearchError(f"--rtol must be in (0, 1), got {self.rtol}")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    d = BenchConfig(schedule="")
+    p = sub.add_parser("bench", help="measure a schedule against the sequential baseline on this GPU")
+    p.add_argument("--schedule", required=True, help="a schedule YAML file")
+    p.add_argument("--layers", type=int, default=d.layers,
+                   help="run the first L layers (default: the model's full depth)")
+    p.add_argument("--iters", type=int, default=d.iters,
+                   help="timed replays of each (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=d.warmup,
+                   help="untimed replays of each first (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="random weights and batch (default: %(default)s)")
+    p.add_argument("--rtol", type=float, default=d.rtol,
+                   help="max relative error of nano-batched vs sequential logits (default: %(default)s)")
+    p.add_argument("--out", default=d.out, help="folder of the JSON record (default: %(default)s)")
+    p.add_argument("--no-partitions", dest="partitions", action="store_false",
+                   help="plain streams on all SMs instead of green-context partitions")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time each nano-op of one layer alone on its stream")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the record)")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    cfg = BenchConfig(schedule=args.schedule, layers=args.layers, iters=args.iters, warmup=args.warmup,
+                      seed=args.seed, rtol=args.rtol, out=args.out, partitions=args.partitions,
+                      breakdown=args.breakdown)
+    schedule = load_schedule(cfg.schedule)
+    run_schedule = truncate(schedule, cfg.layers)
+    require_cuda()
+    m = measure(cfg, run_schedule)
+    record = build_record(cfg, schedule, run_schedule, m, command=shlex.join(["nfsearch", *sys.argv[1:]]))
+    path = write_record(record, record_path(cfg.out, record))
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(format_table(record, path))
+    if not record["check"]["ok"]:
+        c = record["check"]
+        raise NfsearchError(f"nano-batched logits differ from sequential: max rel err {c['max_rel_err']:.3g} "
+                            f"> tolerance {c['rtol']:.3g}; speed not reported (record: {path})")
+    return 0
+
+
+def require_cuda() -> None:
+    """Raise NfsearchError (one line, exit 2) unless PyTorch sees a CUDA GPU."""
+    try:
+        import torch
+    except ImportError:
+        raise NfsearchError("bench needs PyTorch with CUDA (pip install 'nfsearch[gpu]')") from None
+    if not torch.cuda.is_available():
+        raise NfsearchError("bench needs a CUDA GPU: torch.cuda.is_available() is False")
+
+
+def truncate(schedule: Schedule, layers: int | None) -> Schedule:
+    """The schedule with its model cut to the first `layers` layers (None or the full depth: as is)."""
+    meta = schedule.metadata
+    n = meta.model_config.num_layers
+    if layers is None or layers == n:
+        return schedule
+    if layers > n:
+        raise NfsearchError(f"--layers {layers} exceeds the {n} layers of {meta.model}")
+    cut = replace(meta, model_config=replace(meta.model_config, num_layers=layers), num_layers=layers)
+    return replace(schedule, metadata=cut)
+
+
+def predicted(prediction: Prediction | None, model_layers: int, layers: int) -> dict[str, Any] | None:
+    """The schedule's predicted iteration (and its sequential twin's) rescaled to `layers` layers."""
+    if prediction is None:
+        return None
+    p, n = prediction, model_layers
+    tail = p.iteration_us - ((n - 1) * p.period_us + p.layer_span_us)
+    it = p.iteration_us if layers == n else (layers - 1) * p.period_us + p.layer_span_us + tail
+    seq = None
+    if p.speedup_vs_sequential is not None:
+        seq_n = p.iteration_us * p.speedup_vs_sequential
+        seq = seq_n if layers == n else layers * (seq_n - tail) / n + tail
+    return {"period_us": p.period_us, "layer_span_us": p.layer_span_us, "tail_us": tail,
+            "iteration_us": it, "sequential_iteration_us": seq,
+            "speedup_vs_sequential": seq / it if seq is not None and it > 0 else None,
+            "schedule_iteration_us": p.iteration_us, "schedule_layers": n}
+
+
+def speed(samples_us: list[float], tokens: int, optimal_tokens_per_s: float) -> dict[str, Any]:
+    med = statistics.median(samples_us)
+    tps = tokens / (med * 1e-6)
+    return {"median_us": med, "min_us": min(samples_us), "max_us": max(samples_us),
+            "tokens_per_s_per_gpu": tps, "fraction_of_bound": tps / optimal_tokens_per_s,
+            "samples_us": list(samples_us)}
+
+
+def bound_for(model, env: dict[str, Any], meta, peak_tflops: float, copy_gbps: float):
+    """`nfsearch.bound.compute_bound` for the model that ran, with the measured ceilings."""
+    from nfsearch.bound import compute_bound
+    from nfsearch.gpus import GpuSpec, resolve_gpu
+
+    gpu = None
+    for name in (env.get("gpu_slug"), meta.gpu):
+        with contextlib.suppress(NfsearchError):
+            gpu = gpu or (resolve_gpu(name) if name else None)
+    if gpu is None:  # a GPU nfsearch has no datasheet for: the measured numbers are all we have
+        gpu = GpuSpec(name="local", display_name=env.get("gpu_name", "?"), peak_tflops=peak_tflops,
+                      hbm_gbps=copy_gbps, nvlink_gbps=1.0, num_sms=env.get("num_sms", meta.num_sms),
+                      memory_gib=env.get("memory_gib", 1.0), sm_granularity=8)
+    gpu = gpu.with_overrides(peak_tflops=peak_tflops, hbm_gbps=copy_gbps)
+    try:
+        return compute_bound(model, gpu, meta.tp, meta.workload, meta.dense_batch)
+    except NfsearchError:  # a hand-written schedule's workload label: the optimum does not depend on it
+        return compute_bound(model, gpu, meta.tp)
+
+
+def build_record(cfg: BenchConfig, schedule: Schedule, ran: Schedule, m: dict[str, Any],
+                 command: str) -> dict[str, Any]:
+    """The JSON record of one bench run from the measurements `m` (plain data, see `measure`)."""
+    import nfsearch
+    from nfsearch.models import param_counts
+
+    meta, model = ran.metadata, ran.metadata.model_config
+    b = bound_for(model, m["env"], meta, m["peak_tflops"], m["copy_gbps"])
+    optimal = b.optimal_tokens_per_s_per_gpu
+    ok = bool(m["check"]["finite"] and m["check"]["max_rel_err"] <= cfg.rtol)
+    pred = predicted(schedule.prediction, schedule.metadata.num_layers, meta.num_layers)
+    rec: dict[str, Any] = {
+        "nfsearch_version": nfsearch.__version__, "command": command, "date": m["date"],
+        "schedule": str(cfg.schedule), "model": meta.model, "layers": meta.num_layers,
+        "model_layers": schedule.metadata.num_layers, "workload": meta.workload, "tp": meta.tp,
+        "batch": meta.batch.to_dict(), "tokens_per_iteration": m["tokens"],
+        "num_nano_batches": len(ran.nano_batches),
+        "streams": [{"name": s.name, "partition": s.partition, "nano_ops": len(s.nano_ops),
+                     "num_sms": next(p.num_sms for p in ran.partitions if p.name == s.partition)}
+                    for s in ran.streams],
+        "solver": meta.solver.to_dict(), "profile_source": meta.profile.source,
+        "env": m["env"],
+        "settings": {"iters": cfg.iters, "warmup": cfg.warmup, "seed": cfg.seed, "rtol": cfg.rtol,
+                     "partitions": cfg.partitions},
+        "ceilings": {"gemm_bf16_tflops": m["peak_tflops"], "gemm_shape": [GEMM_N] * 3,
+                     "copy_gbps": m["copy_gbps"], "copy_bytes": COPY_BYTES},
+        "bound": {"active_params": param_counts(model).active, "peak_tflops": m["peak_tflops"],
+                  "optimal_tokens_per_s_per_gpu": optimal, "binding": b.binding,
+                  "layer_compute_us": b.compute_us, "layer_memory_us": b.memory_us},
+        "check": {"max_rel_err": m["check"]["max_rel_err"], "rtol": cfg.rtol, "ok": ok,
+                  "finite": m["check"]["finite"], "eager_vs_graph_rel_err": m["check"]["eager_rel_err"]},
+        "results": None, "speedup_vs_sequential": None, "eager_over_graph": None, "prediction": pred,
+        "breakdown": None,
+    }
+    if not ok:  # wrong outputs: no speed is reported
+        return rec
+    res = {k: speed(v, m["tokens"], optimal) for k, v in m["samples_us"].items()}
+    nano, seq = res["nano"]["median_us"], res["sequential"]["median_us"]
+    rec["results"] = res
+    rec["speedup_vs_sequential"] = seq / nano
+    rec["eager_over_graph"] = res["sequential_eager"]["median_us"] / seq
+    if pred is not None:
+        pred["measured_over_predicted"] = nano / pred["iteration_us"]
+        if pred["sequential_iteration_us"]:
+            pred["sequential_measured_over_predicted"] = seq / pred["sequential_iteration_us"]
+    if m.get("breakdown"):
+        rec["breakdown"] = breakdown_summary(schedule, m["breakdown"])
+    return rec
+
+
+def breakdown_summary(schedule: Schedule, bd: dict[str, Any]) -> dict[str, Any]:
+    """Per-nano-op solo times beside the predicted timeline's durations, and per-stream sums."""
+    want = {}
+    if schedule.prediction is not None:
+        want = {e.nano_op: e.end_us - e.start_us for e in schedule.prediction.timeline}
+    out: dict[str, Any] = {"layer": bd["layer"]}
+    for label in ("nano", "sequential"):
+        rows = [dict(r, predicted_us=want.get(r["nano_op"]) if label == "nano" else None) for r in bd[label]]
+        busy: dict[str, float] = {}
+        for r in rows:
+            busy[r["stream"]] = busy.get(r["stream"], 0.0) + r["solo_us"]
+        out[label] = {"nano_ops": rows, "stream_busy_us": busy}
+    pbusy: dict[str, float] = {}
+    for st in schedule.streams:
+        pbusy[st.name] = sum(want.get(n.name, 0.0) for n in st.nano_ops)
+    out["nano"]["predicted_stream_busy_us"] = pbusy if want else None
+    return out
+
+
+def record_path(out_dir: str | os.PathLike[str], record: dict[str, Any]) -> Path:
+    """<out>/<model>[-l<L>]-<gpu>-<workload>-<UTC date and time>.json"""
+    model = record["model"] + (f"-l{record['layers']}" if record["layers"] != record["model_layers"] else "")
+    gpu = record["env"].get("gpu_slug") or record["env"].get("gpu_name", "gpu")
+    stamp = record["date"].replace("-", "").replace(":", "")[:15] + "Z"  # 20261121T082233Z
+    parts = (model, gpu, record["workload"])
+    name = "-".join(re.sub(r"[^A-Za-z0-9._]+", "-", str(x)).strip("-") for x in parts)
+    return Path(out_dir) / f"{name}-{stamp}.json"
+
+
+def write_record(record: dict[str, Any], path: Path) -> Path:
+    """Atomic: a temp file in the same folder, then os.replace."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    except OSError as e:
+        raise NfsearchError(f"cannot write the bench record under {path.parent}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise NfsearchError(f"cannot write the bench record {path}: {e.strerror or e}") from None
+    return path
+
+
+def format_table(rec: dict[str, Any], path: Path | None = None) -> str:
+    b, c, env = rec["batch"], rec["check"], rec["env"]
+    lines = [
+        f"{rec['model']} ({rec['layers']} of {rec['model_layers']} layers), {rec['workload']}, "
+        f"{rec['tokens_per_iteration']} tokens ({b['decode_tokens']} decode + "
+        f"{b['prefill_tokens']} prefill), "
+        f"{rec['num_nano_batches']} nano-batches on {env.get('gpu_name')} ({env.get('num_sms')} SMs)",
+        f"ceilings: bf16 GEMM {GEMM_N}^3 {rec['ceilings']['gemm_bf16_tflops']:.0f} TFLOP/s, "
+        f"copy 1 GiB {rec['ceilings']['copy_gbps']:.0f} GB/s (read + write)",
+        f"bound: {rec['bound']['peak_tflops']:.0f} TFLOP/s / (2 x {rec['bound']['active_params'] / 1e9:.3g}B "
+        f"active params) = {rec['bound']['optimal_tokens_per_s_per_gpu']:.0f} tokens/s per GPU",
+        f"check: nano vs sequential logits max rel err {c['max_rel_err']:.2e} (tolerance {c['rtol']:.0e}), "
+        f"eager vs graph {c['eager_vs_graph_rel_err']:.2e}: {'ok' if c['ok'] else 'MISMATCH'}",
+    ]
+    if rec["results"] is not None:
+        pred = rec["prediction"] or {}
+        want = {"nano": pred.get("iteration_us"), "sequential": pred.get("sequential_iteration_us")}
+        lines.append(f"{'run':<22} {'median ms':>10} {'tokens/s/GPU':>13} {'of bound':>9} "
+                     f"{'predicted ms':>13} {'meas/pred':>10}")
+        for key, label in (("nano", "nano-batched (graph)"), ("sequential", "sequential (graph)"),
+                           ("sequential_eager", "sequential (eager)")):
+            r, w = rec["results"][key], want.get(key)
+            wtxt = (f"{w / 1e3:>13.3f} {r['median_us'] / w:>10.2f}" if w else f"{'-':>13} {'-':>10}")
+            lines.append(f"{label:<22} {r['median_us'] / 1e3:>10.3f} {r['tokens_per_s_per_gpu']:>13.0f} "
+                         f"{r['fraction_of_bound']:>9.3f} {wtxt}")
+        ps = pred.get("speedup_vs_sequential")
+        lines.append(f"speedup over sequential: {rec['speedup_vs_sequential']:.3f}x"
+                     + (f" (predicted {ps:.3f}x)" if ps else "")
+                     + f"; sequential eager / graph: {rec['eager_over_graph']:.3f}")
+        if rec["breakdown"]:
+            bd = rec["breakdown"]
+            busy = ", ".join(f"{k} {v:.0f} us" for k, v in bd["nano"]["stream_busy_us"].items())
+            pb = bd["nano"]["predicted_stream_busy_us"]
+            pbt = f" (predicted {', '.join(f'{k} {v:.0f} us' for k, v in pb.items())})" if pb else ""
+            seq_busy = sum(bd["sequential"]["stream_busy_us"].values())
+            lines.append(f"layer {bd['layer']} nano-ops alone on their streams: {busy}{pbt}; "
+                         f"sequential ops alone: {seq_busy:.0f} us")
+    if path is not None:
+        lines.append(f"record: {path}")
+    return "\n".join(lines)
+
+
+# ---- on the GPU (torch imported here only) ------------------------------------------------------
+
+def measure(cfg: BenchConfig, schedule: Schedule) -> dict[str, Any]:
+    """Ceilings, interleaved timings, the output check and (optionally) the per-nano-op breakdown."""
+    import torch
+    from nfrt.engine import Engine
+
+    date = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    dev = torch.device("cuda", torch.cuda.current_device())
+    env = _environment(dev)
+    peak_tflops, copy_gbps = _ceilings(dev)
+    engine = Engine.from_schedule(schedule, device=dev, seed=cfg.seed, use_partitions=cfg.partitions)
+    twin = engine.sequential_twin()
+    try:
+        batch = engine.synthetic_batch(seed=cfg.seed)
+        for eng in (engine, twin):
+            eng.prepare(batch)
+            eng.capture()
+        # The model is bound to the twin's buffers now: the eager runs read the same batch.
+        runs = {"nano": engine.replay, "sequential": twin.replay,
+                "sequential_eager": engine.model.forward_sequential}
+        samples = _time_interleaved(runs, cfg.warmup, cfg.iters)
+        check = _check(engine, twin, seed=cfg.seed + 1)
+        breakdown = _breakdown(engine, twin) if cfg.breakdown else None
+    finally:
+        engine.close()
+        twin.close()
+    return {"date": date, "env": env, "peak_tflops": peak_tflops, "copy_gbps": copy_gbps,
+            "tokens": batch.num_tokens, "samples_us": samples, "check": check, "breakdown": breakdown}
+
+
+def _environment(dev) -> dict[str, Any]:
+    import subprocess
+    from importlib import metadata
+
+    import torch
+
+    from nfsearch.gpus import gpu_slug_for_device_name
+
+    props = torch.cuda.get_device_properties(dev)
+    driver = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader",
+                              f"--id={dev.index}"], capture_output=True, text=True, timeout=20).stdout
+        driver = out.strip().splitlines()[0] or None
+    versions = {}
+    for pkg in ("triton", "cuda-bindings"):
+        try:
+            versions[pkg.replace("-", "_")] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg.replace("-", "_")] = None
+    return {"gpu_name": props.name, "gpu_slug": gpu_slug_for_device_name(props.name),
+            "num_sms": props.multi_processor_count, "memory_gib": props.total_memory / 2**30,
+            "driver": driver, "cuda": torch.version.cuda, "torch": torch.__version__, **versions,
+            "python": sys.version.split()[0]}
+
+
+def _event_median_us(fn, warmup: int, reps: int) -> float:
+    import torch
+
+    times = []
+    for i in range(warmup + reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        if i >= warmup:
+            times.append((s, e))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in times)
+
+
+def _ceilings(dev) -> tuple[float, float]:
+    """(bf16 GEMM TFLOP/s of an 8192^3 torch.matmul, 1 GiB copy_ GB/s counting read + write); medians."""
+    import torch
+
+    peak, copy = _gemm_tflops(dev), _copy_gbps(dev)
+    torch.cuda.empty_cache()  # give the buffers back: the engine's KV cache may need the memory
+    return peak, copy
+
+
+def _gemm_tflops(dev) -> float:
+    import torch
+
+    a, b = (torch.randn(GEMM_N, GEMM_N, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    c = torch.empty_like(a)
+    return 2 * GEMM_N**3 / (_event_median_us(lambda: torch.matmul(a, b, out=c), 5, 20) * 1e-6) / 1e12
+
+
+def _copy_gbps(dev) -> float:
+    import torch
+
+    src = torch.randn(COPY_BYTES // 2, device=dev, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return 2 * COPY_BYTES / (_event_median_us(lambda: dst.copy_(src), 5, 20) * 1e-6) / 1e9
+
+
+def _time_interleaved(runs: dict[str, Any], warmup: int, iters: int) -> dict[str, list[float]]:
+    """Each iteration runs every entry once from an idle GPU, in alternating order (drift cancels)."""
+    import torch
+    from tqdm import tqdm
+
+    names = list(runs)
+    timed: dict[str, list] = {n: [] for n in names}
+    for i in tqdm(range(warmup + iters), desc="bench", unit="iter", file=sys.stderr, disable=None):
+        torch.cuda.synchronize()
+        for n in (names if i % 2 == 0 else names[::-1]):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            runs[n]()
+            e.record()
+            if i >= warmup:
+                timed[n].append((s, e))
+    torch.cuda.synchronize()
+    return {n: [s.elapsed_time(e) * 1e3 for s, e in timed[n]] for n in names}
+
+
+def _rel_err(ours, ref) -> float:
+    scale = ref.float().abs().max().item()
+    return (ours.float() - ref.float()).abs().max().item() / max(scale, 1e-30)
+
+
+def _check(engine, twin, seed: int) -> dict[str, Any]:
+    """Both graphs and the eager twin on a fresh batch of the same shape; logits poisoned before each."""
+    import torch
+
+    batch = engine.synthetic_batch(seed=seed)
+    engine.prepare(batch)
+    twin.prepare(batch)  # binds the model to the twin's buffers for the eager run
+    outs = []
+    for fn in (engine.replay, twin.replay, engine.model.forward_sequential):
+        engine.model.logits.fill_(float("nan"))
+        outs.append(fn().clone())
+    torch.cuda.synchronize()
+    nano, seq, eager = outs
+    finite = bool(all(torch.isfinite(o).all().item() for o in outs))
+    return {"max_rel_err": _rel_err(nano, seq) if finite else float("inf"),
+            "eager_rel_err": _rel_err(eager, seq) if finite else float("inf"), "finite": finite}
+
+
+def _breakdown(engine, twin, reps: int = 3) -> dict[str, Any]:
+    """Each nano-op of one middle layer alone on its stream (its SM partition), median of `reps`.
+
+    Eager, synchronized between nano-ops: each time includes the host's launch latency (about
+    13 us for an empty nano-op), so the small ops read high; a diagnosis, not a profile."""
+    import torch
+
+    layer = engine.config.num_layers // 2
+    out: dict[str, Any] = {"layer": layer}
+    for label, eng in (("nano", engine), ("sequential", twin)):
+        eng.prepare(eng.synthetic_batch(seed=0))  # binds the model to this engine's buffers
+        rows = []
+        for si, nop in eng.order:
+            stream, times = eng.streams[si], []
+            for _ in range(reps):
+                torch.cuda.synchronize()
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record(stream)
+                with torch.cuda.stream(stream):
+                    for op in nop.ops:
+                        eng.model.run_op(layer, op, *nop.tokens)
+                e.record(stream)
+                e.synchronize()
+                times.append(s.elapsed_time(e) * 1e3)
+            rows.append({"nano_op": nop.name, "stream": eng.schedule.streams[si].name,
+                         "num_sms": nop.num_sms, "solo_us": statistics.median(times)})
+        out[label] = rows
+    torch.cuda.synchronize()
+    return out

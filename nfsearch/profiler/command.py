@@ -1,0 +1,136 @@
+"""`nfsearch profile`: measure a model's op latencies and interference on this GPU (or --plot a profile).
+
+Imports no torch (nor pandas, via nfsearch.profile) at module import time: the CLI builds its
+parser on machines without them, and measuring imports `nfsearch.profiler.measure` only once a
+CUDA GPU is known to be there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+from nfsearch.errors import NfsearchError
+from nfsearch.gpus import gpu_slug_for_device_name, resolve_gpu
+from nfsearch.models import model_names, resolve_model
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="measure kernel latency vs SMs and interference on this GPU")
+    p.add_argument("--model", help=f"built-in name ({', '.join(model_names())}) or a HF config.json / its "
+                                   "folder")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="profile path (default: profiles/<gpu-slug>/<model>-tp<N>.json)")
+    p.add_argument("--quick", action="store_true", help="a coarse grid (about 2 minutes)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out>.partial.json, skipping what it holds")
+    p.add_argument("--device", type=int, default=0, help="CUDA device index (default: %(default)s)")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="draw P(R) curves per op kind of an existing profile (--profile, or the one at "
+                        "--out / profiles/<--gpu>/<model>-tp<N>.json) instead of measuring")
+    p.add_argument("--show", action="store_true",
+                   help="print a summary (latencies, P(R), interference) of an existing profile")
+    p.add_argument("--profile", default=None, help="with --plot / --show: the profile file")
+    p.add_argument("--gpu", default=None, help="with --plot / --show: the GPU slug of a shipped profile")
+    p.set_defaults(func=run_profile_command)
+
+
+def shipped_profiles(root: Path | None = None) -> list[str]:
+    """'<gpu>/<model>-tp<N>' of every profile under profiles/."""
+    from nfsearch.profile import profiles_root
+
+    r = root if root is not None else profiles_root()
+    return sorted(f"{p.parent.name}/{p.stem}" for p in r.glob("*/*.json") if ".partial" not in p.name)
+
+
+def _no_gpu_error(why: str) -> NfsearchError:
+    have = shipped_profiles()
+    listing = ", ".join(have) if have else "none"
+    return NfsearchError(f"nfsearch profile needs a CUDA GPU ({why}); shipped profiles: {listing} "
+                         "(nfsearch solve --gpu <slug> uses them)")
+
+
+def _slugify(device_name: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", device_name.lower().replace("nvidia", "")).strip("-")
+    return s or "gpu"
+
+
+def run_profile_command(args: argparse.Namespace) -> int:
+    if args.tp < 1:
+        raise NfsearchError(f"--tp must be >= 1, got {args.tp}")
+    if args.plot or args.show:
+        return _plot(args)
+    if not args.model:
+        raise NfsearchError("nfsearch profile: --model is required (or --plot PNG to draw a profile)")
+    model = resolve_model(args.model)
+    try:
+        import torch
+    except ImportError:
+        raise _no_gpu_error("torch is not installed") from None
+    if not torch.cuda.is_available():
+        raise _no_gpu_error("torch.cuda.is_available() is False")
+    if args.device >= torch.cuda.device_count():
+        raise NfsearchError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+    from nfsearch.profile import profile_filename, profiles_root
+    from nfsearch.profiler.grid import full_grid, quick_grid
+    from nfsearch.profiler.measure import GpuTimer
+    from nfsearch.profiler.run import run_profile
+
+    name = torch.cuda.get_device_name(args.device)
+    props = torch.cuda.get_device_properties(args.device)
+    slug = gpu_slug_for_device_name(name)
+    if slug is not None:
+        spec = resolve_gpu(slug)
+        gran, min_sms, nvlink = spec.sm_granularity, spec.min_partition_sms, spec.nvlink_gbps
+    else:
+        slug = _slugify(name)
+        gran, min_sms, nvlink = (8, 8, 0.0) if props.major >= 9 else (2, 4, 0.0)
+        print(f"warning: {name} is not a built-in GPU; writing under profiles/{slug}/ (nfsearch solve "
+              f"--profile FILE can use it)", file=sys.stderr)
+    grid = (quick_grid if args.quick else full_grid)(props.multi_processor_count, gran, min_sms)
+    out = Path(args.out) if args.out else profiles_root() / slug / profile_filename(model.name, args.tp)
+    t0 = time.perf_counter()
+    timer = GpuTimer(model, args.tp, grid, device=args.device)
+    prof = run_profile(model, args.tp, grid, timer, out, gpu_slug=slug, sm_granularity=gran,
+                       nvlink_gbps=nvlink, resume=args.resume, progress=_progress,
+                       grid_name="quick" if args.quick else "full")
+    dt = time.perf_counter() - t0
+    print(f"wrote {out}: {len(prof.latency)} latency rows, {len(prof.interference)} interference rows "
+          f"in {dt:.0f} s; measured peak {prof.meta.peak_tflops:.0f} TFLOP/s, "
+          f"copy {prof.meta.hbm_gbps:.0f} GB/s; peak GPU memory reserved "
+          f"{torch.cuda.max_memory_reserved(args.device) / 2**30:.1f} GiB")
+    return 0
+
+
+def _progress(total: int, done: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=done, unit="pt", desc="profile", mininterval=2.0, file=sys.stderr)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from nfsearch.profile import load_profile, profile_filename, profiles_root
+    from nfsearch.profiler.plot import plot_pr, summary_text
+
+    if args.profile:
+        path = Path(args.profile)
+    elif args.out:
+        path = Path(args.out)
+    else:
+        if not (args.model and args.gpu):
+            raise NfsearchError("--plot needs --profile FILE, or --model and --gpu of a shipped profile")
+        model = resolve_model(args.model)
+        path = profiles_root() / resolve_gpu(args.gpu).name / profile_filename(model.name, args.tp)
+    prof = load_profile(path)
+    if args.show:
+        print(summary_text(prof))
+    if args.plot:
+        print(f"wrote {plot_pr(prof, args.plot)} (P(R) of {path})")
+    return 0

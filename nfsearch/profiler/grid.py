@@ -1,0 +1,144 @@
+"""What the profiler measures: the SM, token and context grids, the interference splits.
+
+Pure Python (no torch). The grids cover what `nfsearch solve` asks a profile for: token counts in
+64-token granules up to the dense batch (2048 by default; 4096 here, so a larger dense batch
+works too), decode contexts and prompt lengths of the built-in workloads (lmsys 92/196 .. splitwise
+1155/1260) and of `const:` workloads between 32 and 4096 tokens, and every partition size the GPU
+allows. Token grids start at 64, not 0: the format interpolates towards 0 only from a stored
+tokens-0 row, and a kernel's latency at a few tokens is far from 0, so none is stored and a
+query below 64 tokens raises instead of being flattered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from nfrt.config import ModelConfig
+
+from nfsearch.errors import NfsearchError
+from nfsearch.opgraph import layer_ops, tail_ops
+
+# Decode attention and prefill attention have a context axis; every other op is profiled at 0.
+CONTEXT_OPS = ("attn_decode", "attn_prefill")
+# Interference: the compute ops that co-run with the memory ops (network ops join under TP).
+INTERFERENCE_COMPUTE = ("qkv_proj", "o_proj", "gate_up", "down", "expert_gate_up", "expert_down",
+                        "attn_prefill")
+INTERFERENCE_MEMORY = ("attn_decode", "kv_append")
+
+
+# Every 64 tokens up to 256 (GEMM tile steps matter most there), then about 1.5x apart.
+FULL_TOKENS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+
+
+@dataclass(frozen=True)
+class ProfileGrid:
+    """Every grid the profiler walks; `to_dict()` keys a partial file so --resume can check it."""
+
+    sms: tuple[int, ...]  # partition sizes, ascending, ending at all SMs
+    tokens: tuple[int, ...]  # context-free ops (and the LM head)
+    decode_requests: tuple[int, ...]
+    decode_contexts: tuple[int, ...]
+    prefill_tokens: tuple[int, ...]
+    prefill_contexts: tuple[int, ...]
+    splits: tuple[int, ...]  # interference: the smaller partition; the other gets the remaining SMs
+    interference_tokens: int  # tokens of the compute ops (prefill: prompts of this length too)
+    interference_decode: tuple[int, int]  # (requests, context) of attn_decode while co-running
+    repeats: int  # timed graph replays per point (median)
+
+    def __post_init__(self) -> None:
+        for name in ("sms", "tokens", "decode_requests", "decode_contexts", "prefill_tokens",
+                     "prefill_contexts", "splits"):
+            v = getattr(self, name)
+            if not v or any(not isinstance(x, int) or x <= 0 for x in v) or list(v) != sorted(set(v)):
+                raise NfsearchError(f"profile grid: {name} must be ascending distinct positive integers, "
+                                    f"got {v!r}")
+        if self.repeats < 1 or self.interference_tokens < 1 or min(self.interference_decode) < 1:
+            raise NfsearchError("profile grid: repeats, interference_tokens and interference_decode must "
+                                "be positive")
+        if self.splits[-1] * 2 > self.sms[-1]:
+            raise NfsearchError(f"profile grid: split {self.splits[-1]} must be at most half of "
+                                f"{self.sms[-1]} SMs (it is the smaller partition)")
+
+    @property
+    def num_sms(self) -> int:
+        return self.sms[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def sm_sizes(num_sms: int, granularity: int, min_sms: int) -> tuple[int, ...]:
+    """Partition sizes of a GPU (nfsearch.gpus.partition_sizes for one not built in)."""
+    return tuple(sorted({*range(min_sms, num_sms + 1, granularity), num_sms}))
+
+
+def full_grid(num_sms: int = 132, granularity: int = 8, min_sms: int = 8) -> ProfileGrid:
+    sms = sm_sizes(num_sms, granularity, min_sms)
+    half = [s for s in sms if 2 * s <= num_sms]
+    return ProfileGrid(
+        sms=sms,
+        tokens=FULL_TOKENS,
+        decode_requests=(64, 128, 256, 512, 1024, 2048, 4096),
+        decode_contexts=(32, 128, 256, 512, 1024, 2048, 4096),
+        prefill_tokens=FULL_TOKENS,
+        prefill_contexts=(32, 128, 256, 512, 1024, 2048, 4096),
+        splits=tuple(half),
+        interference_tokens=1024, interference_decode=(512, 1024), repeats=7)
+
+
+def quick_grid(num_sms: int = 132, granularity: int = 8, min_sms: int = 8) -> ProfileGrid:
+    """A coarse grid (about a fifth of the points) that still covers what solve asks for."""
+    every = sm_sizes(num_sms, granularity, min_sms)
+    pick = {every[0], num_sms, *(s for s in every if s in (16, 24, 32, 48, 64, 96))}
+    if len(pick) < 4:  # a small GPU: take every other size
+        pick |= set(every[::2])
+    half = [s for s in sorted(pick) if 2 * s <= num_sms]
+    return ProfileGrid(
+        sms=tuple(sorted(pick)),
+        tokens=(64, 256, 1024, 2048, 4096),
+        decode_requests=(64, 256, 1024, 2048, 4096),
+        decode_contexts=(32, 256, 1024, 4096),
+        prefill_tokens=(64, 256, 1024, 2048, 4096),
+        prefill_contexts=(32, 256, 1024, 4096),
+        splits=tuple(half[-3:]),
+        interference_tokens=1024, interference_decode=(512, 1024), repeats=5)
+
+
+def profiled_ops(model: ModelConfig, tp: int = 1) -> tuple[str, ...]:
+    """Layer and tail ops a profile of `model` holds (network ops only under TP)."""
+    return tuple(op.name for op in layer_ops(model, tp)) + tuple(op.name for op in tail_ops(model, tp))
+
+
+Point = tuple[str, int, int]  # (op, tokens, context)
+
+
+def op_points(model: ModelConfig, tp: int, grid: ProfileGrid) -> list[Point]:
+    """Every (op, tokens, context) to time on each SM size, ops in layer order, tokens ascending."""
+    points: list[Point] = []
+    for op in profiled_ops(model, tp):
+        if op == "attn_decode":
+            points += [(op, t, c) for c in grid.decode_contexts for t in grid.decode_requests]
+        elif op == "attn_prefill":
+            points += [(op, t, c) for c in grid.prefill_contexts for t in grid.prefill_tokens]
+        else:
+            points += [(op, t, 0) for t in grid.tokens]
+    return points
+
+
+def split_pairs(grid: ProfileGrid) -> list[tuple[int, int]]:
+    """(small, large) complementary partitions: large is the remainder of all SMs."""
+    return [(s, grid.num_sms - s) for s in grid.splits]
+
+
+def interference_ops(model: ModelConfig, tp: int = 1) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(compute ops, memory ops) of the model that co-run in the interference table."""
+    ops = set(profiled_ops(model, tp))
+    return (tuple(o for o in INTERFERENCE_COMPUTE if o in ops),
+            tuple(o for o in INTERFERENCE_MEMORY if o in ops))
+
+
+def grid_point_count(model: ModelConfig, tp: int, grid: ProfileGrid) -> tuple[int, int]:
+    """(solo points, interference co-runs) for the progress bar."""
+    comp, mem = interference_ops(model, tp)
+    return len(op_points(model, tp, grid)) * len(grid.sms), len(grid.splits) * 2 * len(comp) * len(mem)

@@ -1,0 +1,320 @@
+"""GPU timing of the runtime's own layer ops: the `Timer` behind `nfsearch profile`.
+
+Every point runs exactly what the runtime runs, `nfrt.model.Model.run_op(layer, op, 0, tokens)`
+on a synthetic batch (`nfrt.batch.make_batch`), on the stream of a disjoint green-context
+partition (`nfrt.partition.make_partitions`; the ordinary stream for all SMs). N back-to-back
+launches, rotating over several layers' weights so that L2 does not hold them, are captured in
+one CUDA graph; the graph is replayed once to warm up, then `repeats` times between CUDA events,
+and the median replay / N is the latency. Decode and prefill attention read KV pages scattered
+at random over a 2 GiB pool per layer (far larger than L2): pages are aliased across requests,
+which is free for a read-only timing and lets 4096 requests x 4096 tokens fit on any GPU.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import math
+import statistics
+import subprocess
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+from nfrt import kernels as K
+from nfrt.batch import BatchBuffers, BatchShape, make_batch
+from nfrt.config import BatchComposition, ModelConfig
+from nfrt.kvcache import PAGE_SIZE, KVCache
+from nfrt.model import Model
+from nfrt.partition import make_partitions
+from nfrt.weights import random_weights
+
+from nfsearch.errors import NfsearchError
+from nfsearch.profiler.grid import Point, ProfileGrid
+from nfsearch.profiler.run import CoRun, Tick
+
+MAX_LAUNCHES = 64  # launches per captured graph (short ops); long ops get fewer, at least 1
+
+
+class AliasAllocator:
+    """A page allocator (the `nfrt.kvcache.PageAllocator` interface `BatchBuffers.prepare` uses) that
+    maps each sequence's pages to random pages of a fixed pool, shared between sequences."""
+
+    def __init__(self, num_pages: int, page_size: int = PAGE_SIZE, seed: int = 0) -> None:
+        self.num_pages, self.page_size, self.seed = num_pages, page_size, seed
+        self._pages: dict[int, list[int]] = {}
+
+    def ensure(self, seq_id: int, num_tokens: int) -> list[int]:
+        n = math.ceil(num_tokens / self.page_size)
+        have = self._pages.get(seq_id, [])
+        if len(have) < n:
+            rng = np.random.default_rng([self.seed, seq_id])
+            have = rng.integers(0, self.num_pages, size=n).tolist()
+            self._pages[seq_id] = have
+        return list(have)
+
+    def pages(self, seq_id: int) -> list[int]:
+        return list(self._pages.get(seq_id, ()))
+
+    def slot(self, seq_id: int, position: int) -> int:
+        return self._pages[seq_id][position // self.page_size] * self.page_size + position % self.page_size
+
+
+def _driver_version() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=False).stdout
+        return out.strip().splitlines()[0] if out.strip() else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+class GpuTimer:
+    """Times the runtime's ops on this GPU; see the module docstring."""
+
+    def __init__(self, model: ModelConfig, tp: int, grid: ProfileGrid, device: int = 0,
+                 rotate_layers: int = 4, kv_pool_bytes: int = 2 << 30, target_us: float = 500.0,
+                 seed: int = 0) -> None:
+        if tp != 1:
+            raise NfsearchError(f"--tp {tp}: profiling collectives needs {tp} GPUs and is not implemented "
+                                "yet; profile --tp 1")
+        torch.cuda.set_device(device)
+        self.dev = torch.device("cuda", device)
+        self.grid, self.target_us, self.seed = grid, target_us, seed
+        self.layers = min(rotate_layers, model.num_layers)
+        cfg = replace(model, num_layers=self.layers)
+        self.cfg = cfg
+        dtype = torch.bfloat16
+        self.w = random_weights(cfg, seed=seed, device=self.dev, dtype=dtype)
+        pages = max(64, kv_pool_bytes // (2 * PAGE_SIZE * cfg.kv_size * 2))
+        self.kv = KVCache(self.layers, pages, cfg.num_kv_heads, cfg.head_dim, self.dev, dtype)
+        for t in self.kv.k + self.kv.v:
+            t.normal_(0.0, 1.0)  # never time on zeros
+        self.alloc = AliasAllocator(pages, seed=seed)
+        inter_t = grid.interference_tokens
+        self.max_all = max(grid.tokens[-1], inter_t)
+        self.max_dec = max(grid.decode_requests[-1], grid.interference_decode[0])
+        self.max_pre = max(grid.prefill_tokens[-1], inter_t)
+        self.m = Model(cfg, self.w, max(self.max_all, self.max_dec, self.max_pre), self.kv, self.dev)
+        for name in ("hidden", "residual", "normed", "qkv", "attn_out", "gate_up", "act", "moe_gate_up",
+                     "moe_act", "router_logits"):
+            if hasattr(self.m, name):
+                getattr(self.m, name).normal_(0.0, 1.0)
+        self._buffers: dict[tuple[str, int], BatchBuffers] = {}
+        self._bound: tuple[str, int] | None = None
+        self._est: dict[tuple[str, int, int], float] = {}  # per-launch us, for choosing N
+        # One memory pool for all solo graphs; a tiny graph that lives as long as the timer keeps
+        # the pool alive (PyTorch deletes a pool when its last graph dies, and a dead handle asserts).
+        self._pool = torch.cuda.graph_pool_handle()
+        anchor_x = torch.zeros(1, device=self.dev)
+        anchor = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(torch.cuda.Stream(self.dev)):
+            anchor.capture_begin(pool=self._pool)
+            anchor_x.add_(1.0)
+            anchor.capture_end()
+        self._anchor = (anchor, anchor_x)
+        self.props = torch.cuda.get_device_properties(self.dev)
+
+    # ---- metadata and ceilings -----------------------------------------------------------
+    def stamp(self) -> dict[str, Any]:
+        import triton
+
+        return {"gpu_name": torch.cuda.get_device_name(self.dev), "num_sms": self.props.multi_processor_count,
+                "driver": _driver_version(), "cuda": torch.version.cuda or "", "torch": torch.__version__,
+                "triton": triton.__version__,
+                "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+    def describe(self) -> str:
+        return (f"Latency: median of {self.grid.repeats} CUDA-graph replays of N back-to-back "
+                f"Model.run_op launches (N chosen for ~{self.target_us:g} us per replay, 1..{MAX_LAUNCHES}) "
+                f"rotating over {self.layers} layers' weights, after a warm-up replay; random bf16 "
+                f"weights, activations and KV pages (2 GiB pool per layer, random page tables); "
+                f"attn_prefill tokens are make_batch chunks of prompts of length `context`.")
+
+    def ceilings(self) -> dict[str, float]:
+        def median_ms(fn, reps: int = 10) -> float:
+            for _ in range(3):
+                fn()
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
+            ev[0].record()
+            for i in range(reps):
+                fn()
+                ev[i + 1].record()
+            torch.cuda.synchronize()
+            return statistics.median(ev[i].elapsed_time(ev[i + 1]) for i in range(reps))
+
+        n = 8192
+        ab = torch.randn(2, n, n, device=self.dev, dtype=torch.bfloat16)
+        out = torch.empty(n, n, device=self.dev, dtype=torch.bfloat16)
+        gemm_ms = median_ms(lambda: torch.mm(ab[0], ab[1], out=out))
+        bufs = torch.randn(2, 1 << 29, device=self.dev, dtype=torch.bfloat16)  # 2 x 1 GiB
+        copy_ms = median_ms(lambda: bufs[1].copy_(bufs[0]))
+        ab = out = bufs = None
+        torch.cuda.empty_cache()
+        return {"peak_tflops": 2 * n**3 / (gemm_ms * 1e-3) / 1e12,
+                "hbm_gbps": 2 * (1 << 30) / (copy_ms * 1e-3) / 1e9}
+
+    # ---- batches and launchers -----------------------------------------------------------
+    def _bind(self, kind: str, context: int) -> BatchBuffers:
+        key = (kind, context)
+        if key not in self._buffers:
+            if kind == "all":
+                comp = BatchComposition(self.max_all, self.max_all, 0, 128, 0)
+            elif kind == "decode":
+                comp = BatchComposition(self.max_dec, self.max_dec, 0, context, 0)
+            else:
+                comp = BatchComposition(self.max_pre, 0, self.max_pre, 0, context)
+            # distinct sequence ids per batch: the allocator keeps each sequence's pages
+            batch = make_batch(comp, self.cfg.vocab_size, seed=self.seed,
+                               first_seq_id=len(self._buffers) * 1_000_000)
+            buf = BatchBuffers(BatchShape.of(batch), self.dev)
+            buf.prepare(batch, self.alloc)
+            self._buffers[key] = buf
+        buf = self._buffers[key]
+        if self._bound != key:
+            self.m.bind(buf)
+            self._bound = key
+        return buf
+
+    def _launcher(self, op: str, tokens: int, context: int):
+        """Bind the op's batch; return fn(i) that issues launch i (layer i mod the rotation)."""
+        m, t, L = self.m, tokens, self.layers
+        kind = {"attn_decode": "decode", "attn_prefill": "prefill"}.get(op, "all")
+        buf = self._bind(kind, context if kind != "all" else 0)
+        if op == "final_norm":  # Model.tail's pieces, on `tokens` tokens
+            return lambda i: K.fused_add_rms_norm(m.hidden[:t], m.residual[:t], m.w["final_norm"], m.eps,
+                                                  m.normed[:t], False)
+        if op == "lm_head":
+            def lm_head(i: int) -> None:
+                torch.index_select(m.normed, 0, buf.sample_positions[:t], out=m.sampled[:t])
+                torch.mm(m.sampled[:t], m.w["lm_head"].t(), out=m.logits[:t])
+            return lm_head
+        return lambda i: m.run_op(i % L, op, 0, t)
+
+    # ---- timing --------------------------------------------------------------------------
+    def _capture(self, stream: torch.cuda.Stream, fn, n: int,
+                 shared_pool: bool = True) -> torch.cuda.CUDAGraph:
+        """Capture n launches. Solo graphs live one at a time and share one memory pool (a private
+        pool per graph stays reserved after the graph dies: thousands of them ran an H100 out of
+        memory); graphs that replay concurrently (co-runs) get private pools, so that their
+        temporaries cannot alias."""
+        with torch.cuda.stream(stream):
+            fn(0)  # eager warm-up on this stream: Triton JIT, cuBLAS workspace, allocator
+            g = torch.cuda.CUDAGraph()
+            if shared_pool:
+                g.capture_begin(pool=self._pool)
+            else:
+                g.capture_begin()
+            try:
+                for i in range(n):
+                    fn(i)
+            finally:
+                g.capture_end()
+        return g
+
+    def _replays_us(self, g: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, reps: int) -> list[float]:
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
+        with torch.cuda.stream(stream):
+            g.replay()  # warm-up replay
+            ev[0].record(stream)
+            for r in range(reps):
+                g.replay()
+                ev[r + 1].record(stream)
+        stream.synchronize()
+        return [ev[r].elapsed_time(ev[r + 1]) * 1e3 for r in range(reps)]
+
+    def _launches(self, est_us: float) -> int:
+        return max(1, min(MAX_LAUNCHES, math.ceil(self.target_us / max(est_us, 1.0))))
+
+    def _time_point(self, stream, op: str, t: int, c: int, num_sms: int) -> float:
+        est = self._est.get((op, t, c))
+        est = est * self.grid.num_sms / num_sms if est is not None else self._est.get((op, -1, c), 50.0)
+        n = self._launches(est)
+        reps = self.grid.repeats if est * n < 20e3 else max(3, self.grid.repeats // 2)
+        g = self._capture(stream, self._launcher(op, t, c), n)
+        us = statistics.median(self._replays_us(g, stream, reps)) / n
+        del g
+        self._est[(op, t, c)] = us if num_sms == self.grid.num_sms else self._est.get((op, t, c), us)
+        self._est[(op, -1, c)] = us  # the next token count of this op starts from here
+        return us
+
+    def solo(self, num_sms: int, points: list[Point], tick: Tick) -> list[float]:
+        parts = make_partitions([num_sms], device=self.dev.index) if num_sms < self.grid.num_sms else None
+        stream = parts[0].stream if parts is not None else torch.cuda.Stream(self.dev)
+        try:
+            out = []
+            for op, t, c in points:
+                out.append(self._time_point(stream, op, t, c, num_sms))
+                tick(1)
+            return out
+        finally:
+            torch.cuda.synchronize(self.dev)
+            if parts is not None:
+                parts.close()
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def _calibrated(self, stream, op: str, t: int, c: int,
+                    want_us: float) -> tuple[torch.cuda.CUDAGraph, float]:
+        fn = self._launcher(op, t, c)
+        g = self._capture(stream, fn, 1, shared_pool=False)
+        one = statistics.median(self._replays_us(g, stream, 3))
+        n = max(1, min(MAX_LAUNCHES, math.ceil(want_us / max(one, 1.0))))
+        if n > 1:
+            del g
+            g = self._capture(stream, fn, n, shared_pool=False)
+        return g, statistics.median(self._replays_us(g, stream, 3))
+
+    def _fg_bg(self, fg, fs, fg_us: float, bg, bs, bg_us: float) -> float:
+        """Median co-run / solo time of graph `fg` on stream `fs` while `bg` loops on stream `bs`."""
+        k = math.ceil(2.0 * fg_us / bg_us) + 1  # bg outlasts fg even when fg slows down
+        solo, co = [], []
+        for _ in range(self.grid.repeats):
+            e = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+            with torch.cuda.stream(fs):
+                e[0].record(fs)
+                fg.replay()
+                e[1].record(fs)
+            fs.synchronize()
+            with torch.cuda.stream(bs):
+                for _ in range(k):
+                    bg.replay()
+            with torch.cuda.stream(fs):
+                e[2].record(fs)
+                fg.replay()
+                e[3].record(fs)
+            torch.cuda.synchronize(self.dev)
+            solo.append(e[0].elapsed_time(e[1]))
+            co.append(e[2].elapsed_time(e[3]))
+        return statistics.median(co) / statistics.median(solo)
+
+    def corun(self, small: int, large: int, compute_ops: tuple[str, ...], memory_ops: tuple[str, ...],
+              tick: Tick) -> list[CoRun]:
+        t = self.grid.interference_tokens
+        dreq, dctx = self.grid.interference_decode
+        point = {op: (t, t if op == "attn_prefill" else 0) for op in compute_ops}
+        point.update({op: ((dreq, dctx) if op == "attn_decode" else (t, 0)) for op in memory_ops})
+        parts = make_partitions([small, large], device=self.dev.index)
+        rows: list[CoRun] = []
+        try:
+            for comp_stream, mem_stream, cs, ms in ((parts[0].stream, parts[1].stream, small, large),
+                                                    (parts[1].stream, parts[0].stream, large, small)):
+                graphs = {op: self._calibrated(comp_stream if op in compute_ops else mem_stream, op,
+                                               *point[op], 1000.0)
+                          for op in compute_ops + memory_ops}
+                for c_op in compute_ops:
+                    g_c, c_us = graphs[c_op]
+                    for m_op in memory_ops:
+                        g_m, m_us = graphs[m_op]
+                        c_slow = self._fg_bg(g_c, comp_stream, c_us, g_m, mem_stream, m_us)
+                        m_slow = self._fg_bg(g_m, mem_stream, m_us, g_c, comp_stream, c_us)
+                        rows.append((c_op, m_op, cs, ms, c_slow, m_slow))
+                        tick(1)
+                del graphs
+        finally:
+            torch.cuda.synchronize(self.dev)
+            parts.close()
+            gc.collect()
+            torch.cuda.empty_cache()
+        return rows
