@@ -29,6 +29,10 @@ class GpuSpec:
     memory_gib: float  # usable device memory
     sm_granularity: int  # partition sizes are multiples of this
     min_partition_sms: int = 0  # smallest green-context group; 0 means sm_granularity
+    # SMs the driver's split into `sm_granularity`-SM groups covers (the rest is an unaligned
+    # remainder that only a whole-GPU partition uses); nano-ops side by side share at most these.
+    # 0 means num_sms rounded down to the granularity.
+    placeable_sms: int = 0
 
     def __post_init__(self) -> None:
         for f in ("peak_tflops", "hbm_gbps", "nvlink_gbps", "memory_gib"):
@@ -41,6 +45,11 @@ class GpuSpec:
                 raise NfsearchError(f"gpu {self.name!r}: {f} must be a positive integer, got {v!r}")
         if self.min_partition_sms == 0:
             object.__setattr__(self, "min_partition_sms", self.sm_granularity)
+        if self.placeable_sms == 0:
+            object.__setattr__(self, "placeable_sms", self.num_sms - self.num_sms % self.sm_granularity)
+        if self.placeable_sms % self.sm_granularity or not 0 < self.placeable_sms <= self.num_sms:
+            raise NfsearchError(f"gpu {self.name!r}: placeable_sms {self.placeable_sms} must be a multiple "
+                                f"of sm_granularity {self.sm_granularity} within 1..{self.num_sms}")
         if self.min_partition_sms % self.sm_granularity or not 0 < self.min_partition_sms <= self.num_sms:
             raise NfsearchError(f"gpu {self.name!r}: min_partition_sms {self.min_partition_sms} must be a "
                                 f"multiple of sm_granularity {self.sm_granularity} within 1..{self.num_sms}")
@@ -72,14 +81,17 @@ class GpuSpec:
         return {"name": self.name, "display_name": self.display_name, "peak_tflops": self.peak_tflops,
                 "hbm_gbps": self.hbm_gbps, "nvlink_gbps": self.nvlink_gbps, "num_sms": self.num_sms,
                 "memory_gib": self.memory_gib, "sm_granularity": self.sm_granularity,
-                "min_partition_sms": self.min_partition_sms}
+                "min_partition_sms": self.min_partition_sms, "placeable_sms": self.placeable_sms}
 
 
+# placeable_sms 120 on Hopper: on an H200 (2026-11-21, driver 580.159.04)
+# cuDevSmResourceSplitByCount(16, all 132 SMs, 0, 8) made 15 groups of 8 and a remainder of 12
+# (groups follow the chip's GPC layout); H100 SXM5 has the same 132-SM configuration.
 _BUILTINS: tuple[GpuSpec, ...] = (
     GpuSpec("h100-sxm", "NVIDIA H100 SXM5 80GB", peak_tflops=989.4, hbm_gbps=3350.0, nvlink_gbps=450.0,
-            num_sms=132, memory_gib=81559 / 1024, sm_granularity=8),
+            num_sms=132, memory_gib=81559 / 1024, sm_granularity=8, placeable_sms=120),
     GpuSpec("h200", "NVIDIA H200 141GB", peak_tflops=989.4, hbm_gbps=4800.0, nvlink_gbps=450.0,
-            num_sms=132, memory_gib=143771 / 1024, sm_granularity=8),
+            num_sms=132, memory_gib=143771 / 1024, sm_granularity=8, placeable_sms=120),
     GpuSpec("a100-80gb", "NVIDIA A100 SXM4 80GB", peak_tflops=312.0, hbm_gbps=2039.0, nvlink_gbps=300.0,
             num_sms=108, memory_gib=80.0, sm_granularity=2, min_partition_sms=4),
 )

@@ -134,7 +134,7 @@ def build_problem(model: ModelConfig, batch: BatchComposition, profile: Profile,
     return SearchProblem(
         ops=tuple(stage_ops), num_granules=num_granules, granularity_tokens=g,
         decode_granules=batch.decode_tokens // g, num_sms=gpu.num_sms, sm_options=sms,
-        concurrent_sms=gpu.num_sms - gpu.num_sms % gpu.sm_granularity,
+        concurrent_sms=gpu.placeable_sms,
         interference=interference, num_layers=model.num_layers, tail_us=round(tail_us, 3),
         max_nano_batches=cfg.max_nano_batches, policy=cfg.policy, time_limit_s=cfg.time_limit_s)
 

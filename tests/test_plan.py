@@ -8,6 +8,8 @@ import sys
 from dataclasses import replace
 
 import pytest
+
+pytest.importorskip("ortools")  # the GPU image has no OR-Tools; the solver runs on the CPU
 from nfrt.schedule import load_schedule
 
 from nfsearch.cli import main

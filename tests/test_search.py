@@ -9,6 +9,8 @@ import time
 import networkx as nx
 import numpy as np
 import pytest
+
+pytest.importorskip("ortools")  # the GPU image has no OR-Tools; the solver runs on the CPU
 from ortools.linear_solver import pywraplp
 
 from nfsearch.errors import NfsearchError

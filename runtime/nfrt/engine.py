@@ -143,6 +143,11 @@ class Engine:
             from nfrt.partition import make_layout
 
             self.partitions = make_layout(device=self.device.index or 0)
+            top = max(p.first_sm + p.num_sms for p in s.partitions if p.num_sms != s.metadata.num_sms)
+            if top > self.partitions.aligned:
+                raise ScheduleError(f"schedule places partitions up to SM slot {top}, but this GPU's "
+                                    f"driver splits only {self.partitions.aligned} SMs into "
+                                    f"{self.partitions.granularity}-SM groups: re-solve for this GPU")
             return [self.partitions.stream(parts[st.partition].first_sm, parts[st.partition].num_sms)
                     for st in s.streams]
         # Every stream on all SMs (or partitions disabled): plain streams.
