@@ -46,9 +46,15 @@ def smallest_tp(model: str, gpu: str) -> int:
     raise SystemExit(f"{model} does not fit on 8 x {gpu}")
 
 
+# the benchmark rows of issue 6 that are not splitwise
+EXTRA = (("llama3-8b", "const:1024:512"),)
+
+
 def configs() -> list[SolveConfig]:
-    return [SolveConfig(model=m.name, gpu=g, workload=WORKLOAD, tp=smallest_tp(m.name, g))
-            for g in GPUS for m in builtin_models() if not m.name.startswith("tiny")]
+    out = [SolveConfig(model=m.name, gpu=g, workload=WORKLOAD, tp=smallest_tp(m.name, g))
+           for g in GPUS for m in builtin_models() if not m.name.startswith("tiny")]
+    out += [SolveConfig(model=m, gpu=g, workload=w, tp=smallest_tp(m, g)) for g in GPUS for m, w in EXTRA]
+    return out
 
 
 def main() -> int:

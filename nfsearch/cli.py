@@ -148,7 +148,8 @@ def add_solve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-nano-batches", type=int, default=d.max_nano_batches,
                    help="largest nano-batch count tried (default: %(default)s)")
     p.add_argument("--time-limit", type=float, default=d.time_limit_s,
-                   help="solver time limit in seconds (default: %(default)s)")
+                   help="solver budget in seconds of CP-SAT deterministic time, about wall seconds; "
+                        "deterministic so the same inputs give the same schedule (default: %(default)s)")
     p.add_argument("-o", "--output", default=d.output,
                    help="schedule path (default: schedules/<model>-<gpu>-tp<N>-<workload>.yaml)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
