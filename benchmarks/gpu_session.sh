@@ -6,7 +6,7 @@ set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/nfsearch-out}
 mkdir -p "$OUT"
-pip install --no-deps --no-build-isolation -e . -q > "$OUT/pip.log" 2>&1
+python3 -m pip install --no-deps --no-build-isolation -e . -q > "$OUT/pip.log" 2>&1
 python3 -c "import nfrt, nfsearch" 2>>"$OUT/pip.log" || export PYTHONPATH=$PWD/runtime:$PWD
 python3 -c "import setuptools, nfrt, nfsearch; print('setuptools', setuptools.__version__, 'nfrt from', nfrt.__file__)"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"

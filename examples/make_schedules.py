@@ -14,6 +14,7 @@ import re
 import sys
 from pathlib import Path
 
+from nfrt.atomic import atomic_write_text
 from nfrt.schedule import dumps, save_schedule
 
 from nfsearch.models import builtin_models
@@ -21,7 +22,7 @@ from nfsearch.plan import REPO_ROOT, SolveConfig, default_output, plan
 
 GPUS = ("h100-sxm", "h200")
 WORKLOAD = "splitwise"
-_SOLVE_TIME = re.compile(r"^(\s*solve_time_s:).*$", re.MULTILINE)
+_SOLVE_TIME = re.compile(r"(solve_time_s:) *[-+0-9.eE]+")
 
 
 def normalised(text: str) -> str:
@@ -87,7 +88,7 @@ def main() -> int:
                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {m} | {g} | {tp} | {src} | {t:.1f} | {s} | {x:.3f} |"
                   for m, g, tp, src, t, s, x in rows]
-        out.write_text("\n".join(lines) + "\n")
+        atomic_write_text(out, "\n".join(lines) + "\n")
     return 1 if bad else 0
 
 

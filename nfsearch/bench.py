@@ -31,12 +31,12 @@ import re
 import shlex
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nfrt.atomic import atomic_write_text
 from nfrt.schedule import Prediction, Schedule, load_schedule
 
 from nfsearch.errors import NfsearchError
@@ -60,6 +60,7 @@ class BenchConfig:
     out: str = DEFAULT_OUT
     partitions: bool = True
     breakdown: bool = False
+    timeline: str | None = None  # PNG path: per-stream Gantt measured inside the graph replay
 
     def __post_init__(self) -> None:
         if self.layers is not None and self.layers < 1:
@@ -93,19 +94,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="plain streams on all SMs instead of green-context partitions")
     p.add_argument("--breakdown", action="store_true",
                    help="also time each nano-op of one layer alone on its stream")
+    p.add_argument("--timeline", metavar="PNG", default=None,
+                   help="also replay traced graphs (nfrt.trace stamps in the graph) and draw one middle "
+                        "layer's measured per-stream Gantt beside the predicted one")
     p.add_argument("--json", action="store_true", help="print one JSON object (the record)")
+    from nfsearch.bench_e2e import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if getattr(args, "e2e", False):  # serving throughput: nfsearch/bench_e2e.py
+        from nfsearch.bench_e2e import run_e2e
+
+        return run_e2e(args)
     cfg = BenchConfig(schedule=args.schedule, layers=args.layers, iters=args.iters, warmup=args.warmup,
                       seed=args.seed, rtol=args.rtol, out=args.out, partitions=args.partitions,
-                      breakdown=args.breakdown)
+                      breakdown=args.breakdown, timeline=args.timeline)
     schedule = load_schedule(cfg.schedule)
     run_schedule = truncate(schedule, cfg.layers)
     require_cuda()
     m = measure(cfg, run_schedule)
     record = build_record(cfg, schedule, run_schedule, m, command=shlex.join(["nfsearch", *sys.argv[1:]]))
+    if record.get("timeline"):
+        from nfsearch.bench_timeline import draw_timeline
+
+        record["timeline"]["png"] = str(draw_timeline(schedule, record, cfg.timeline))
     path = write_record(record, record_path(cfg.out, record))
     if args.json:
         print(json.dumps(record, indent=2))
@@ -217,7 +232,7 @@ def build_record(cfg: BenchConfig, schedule: Schedule, ran: Schedule, m: dict[st
         "check": {"max_rel_err": m["check"]["max_rel_err"], "rtol": cfg.rtol, "ok": ok,
                   "finite": m["check"]["finite"], "eager_vs_graph_rel_err": m["check"]["eager_rel_err"]},
         "results": None, "speedup_vs_sequential": None, "eager_over_graph": None, "prediction": pred,
-        "breakdown": None,
+        "breakdown": None, "timeline": None,
     }
     if not ok:  # wrong outputs: no speed is reported
         return rec
@@ -232,6 +247,10 @@ def build_record(cfg: BenchConfig, schedule: Schedule, ran: Schedule, m: dict[st
             pred["sequential_measured_over_predicted"] = seq / pred["sequential_iteration_us"]
     if m.get("breakdown"):
         rec["breakdown"] = breakdown_summary(schedule, m["breakdown"])
+    if m.get("timeline"):
+        from nfsearch.bench_timeline import timeline_summary
+
+        rec["timeline"] = timeline_summary(schedule, m["timeline"])
     return rec
 
 
@@ -265,23 +284,11 @@ def record_path(out_dir: str | os.PathLike[str], record: dict[str, Any]) -> Path
 
 
 def write_record(record: dict[str, Any], path: Path) -> Path:
-    """Atomic: a temp file in the same folder, then os.replace."""
+    """Atomic (nfrt.atomic): a crash leaves the old record or the new one."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        return atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     except OSError as e:
-        raise NfsearchError(f"cannot write the bench record under {path.parent}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise NfsearchError(f"cannot write the bench record {path}: {e.strerror or e}") from None
-    return path
 
 
 def format_table(rec: dict[str, Any], path: Path | None = None) -> str:
@@ -321,6 +328,10 @@ def format_table(rec: dict[str, Any], path: Path | None = None) -> str:
             seq_busy = sum(bd["sequential"]["stream_busy_us"].values())
             lines.append(f"layer {bd['layer']} nano-ops alone on their streams: {busy}{pbt}; "
                          f"sequential ops alone: {seq_busy:.0f} us")
+    if rec.get("timeline"):
+        from nfsearch.bench_timeline import format_lines
+
+        lines += format_lines(rec["timeline"])
     if path is not None:
         lines.append(f"record: {path}")
     return "\n".join(lines)
@@ -350,11 +361,17 @@ def measure(cfg: BenchConfig, schedule: Schedule) -> dict[str, Any]:
         samples = _time_interleaved(runs, cfg.warmup, cfg.iters)
         check = _check(engine, twin, seed=cfg.seed + 1)
         breakdown = _breakdown(engine, twin) if cfg.breakdown else None
+        timeline = None
+        if cfg.timeline:
+            from nfsearch.bench_timeline import measure_timeline
+
+            timeline = measure_timeline(engine, cfg.partitions, cfg.seed)
     finally:
         engine.close()
         twin.close()
     return {"date": date, "env": env, "peak_tflops": peak_tflops, "copy_gbps": copy_gbps,
-            "tokens": batch.num_tokens, "samples_us": samples, "check": check, "breakdown": breakdown}
+            "tokens": batch.num_tokens, "samples_us": samples, "check": check, "breakdown": breakdown,
+            "timeline": timeline}
 
 
 def _environment(dev) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import bisect
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cached_property, lru_cache
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
+from nfrt.atomic import atomic_write_bytes
 
 from nfsearch.errors import NfsearchError
 
@@ -296,18 +296,7 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
 
 def save_profile(profile: Profile, path: str | os.PathLike[str]) -> Path:
     """Write atomically (temp file in the same folder, then rename); the bytes are deterministic."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    data = profile.canonical_bytes()
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return atomic_write_bytes(path, profile.canonical_bytes())
 
 
 def profiles_root() -> Path:

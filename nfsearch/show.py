@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from nfrt.atomic import atomic_write
 from nfrt.schedule import Schedule
 
 from nfsearch.errors import NfsearchError
@@ -89,15 +88,7 @@ def gantt(schedule: Schedule, path: str | Path) -> Path:
     ax.legend(handles=[Patch(color=c, label=k) for k, c in KIND_COLOURS.items() if k != "other"],
               loc="lower right", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.partial")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path

@@ -1,9 +1,14 @@
-"""The runtime's model on CUDA in bf16 (Triton kernels, paged KV) equals Hugging Face transformers.
+"""The runtime's model on CUDA (paged KV) equals Hugging Face transformers.
 
-A tiny checkpoint loads into transformers on CUDA in float32 (the reference) and into the runtime in
-bf16. Batch 1 prefills three prompts and the first chunk of a fourth; batch 2 decodes one token of
-each of the three and prefills the fourth's second chunk (decode and prefill attention read KV
-written by the earlier batch). Logits at every position must agree within bf16 tolerance.
+A tiny checkpoint loads into transformers on CUDA in float32 (the reference) and into the runtime:
+tiny-llama in bf16 with the Triton kernels; tiny-mixtral in float32 with the reference kernels,
+because in bf16 a token whose 2nd and 3rd router logits are within rounding picks another expert
+than the float32 reference (seen on an H200: one flipped token moved logits by 1.2 on a scale of 4),
+which says nothing about the code. The bf16 expert GEMM path (`torch._grouped_mm`) is checked on
+its own below, with the routing fixed. Batch 1 prefills three prompts and the first chunk of a
+fourth; batch 2 decodes one token of each of the three and prefills the fourth's second chunk
+(decode and prefill attention read KV written by the earlier batch). Logits at every position
+must agree within the dtype's tolerance.
 """
 
 from __future__ import annotations
@@ -24,14 +29,15 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 PROMPTS = (7, 19, 40)
 CHUNKED = (24, 21)
-RTOL = 3e-2  # bf16 weights and activations against a float32 reference
+RTOL = {torch.bfloat16: 3e-2, torch.float32: 1e-3}  # against a float32 reference
+CASES = [("tiny-llama", torch.bfloat16), ("tiny-mixtral", torch.float32)]
 
 
-def close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+def close(ours: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     assert torch.isfinite(ours).all()
     err = (ours.float() - ref.float()).abs().max().item()
-    assert err <= RTOL * ref.abs().max().item(), f"max error {err} vs scale {ref.abs().max().item()}"
+    assert err <= rtol * ref.abs().max().item(), f"max error {err} vs scale {ref.abs().max().item()}"
 
 
 def run_batch(model: Model, batch: Batch) -> torch.Tensor:
@@ -42,15 +48,20 @@ def run_batch(model: Model, batch: Batch) -> torch.Tensor:
     return model.forward_sequential().float().clone()
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])
-def test_bf16_cuda_matches_transformers(name, tiny_checkpoint):
+@pytest.mark.parametrize("name,dtype", CASES, ids=[c[0] for c in CASES])
+def test_cuda_matches_transformers(name, dtype, tiny_checkpoint, monkeypatch):
+    import nfrt.kernels
+
+    if dtype == torch.float32:
+        monkeypatch.setattr(nfrt.kernels, "_triton", {})  # the reference kernels, on CUDA
+    rtol = RTOL[dtype]
     folder = tiny_checkpoint(name, seed=4)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                            attn_implementation="eager").to("cuda").eval()
-    config, weights = load_hf_weights(folder, "cuda", torch.bfloat16)
-    kv = KVCache.for_model(config, num_pages=48, device="cuda", dtype=torch.bfloat16)
+    config, weights = load_hf_weights(folder, "cuda", dtype)
+    kv = KVCache.for_model(config, num_pages=48, device="cuda", dtype=dtype)
     model = Model(config, weights, max_tokens=128, kv_cache=kv, device="cuda")
-    assert model.dtype == torch.bfloat16
+    assert model.dtype == dtype
 
     gen = torch.Generator().manual_seed(random.randrange(2**31))  # fresh inputs every run
     lengths = PROMPTS + (sum(CHUNKED),)
@@ -70,9 +81,32 @@ def test_bf16_cuda_matches_transformers(name, tiny_checkpoint):
     with torch.no_grad():
         for i, n in enumerate(PROMPTS):
             full = hf(seqs[i][None, : n + 1].cuda()).logits[0]  # [n + 1, vocab]
-            close(logits1[row: row + n], full[:n])
-            close(logits2[i], full[n])
+            close(logits1[row: row + n], full[:n], rtol)
+            close(logits2[i], full[n], rtol)
             row += n
         full = hf(seqs[3][None, : sum(CHUNKED)].cuda()).logits[0]
-        close(logits1[row:], full[: CHUNKED[0]])
-        close(logits2[len(PROMPTS):], full[CHUNKED[0]:])
+        close(logits1[row:], full[: CHUNKED[0]], rtol)
+        close(logits2[len(PROMPTS):], full[CHUNKED[0]:], rtol)
+
+
+def test_bf16_grouped_expert_gemm_matches_a_per_expert_loop():
+    """The production MoE GEMM (rows grouped by expert, `torch._grouped_mm` on Hopper) on fresh
+    random groups, including empty ones, against float32 matmuls expert by expert."""
+    from nfrt.model import grouped_mm
+
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    experts, k, n = 8, 256, 384
+    sizes = torch.randint(0, 40, (experts,), generator=gen)
+    sizes[3] = 0  # an expert no token chose
+    offs = torch.cumsum(sizes, 0).to(torch.int32).cuda()
+    x = torch.randn(int(sizes.sum()), k, generator=gen).cuda().bfloat16()
+    w_t = (torch.randn(experts, k, n, generator=gen) / k**0.5).cuda().bfloat16()
+    out = torch.full((x.shape[0], n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    out.copy_(grouped_mm(x, w_t, offs))
+    start = 0
+    for e in range(experts):
+        end = int(offs[e])
+        ref = x[start:end].float() @ w_t[e].float()
+        if end > start:
+            close(out[start:end], ref, RTOL[torch.bfloat16])
+        start = end

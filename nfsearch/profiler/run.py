@@ -12,12 +12,12 @@ import datetime as _dt
 import json
 import os
 import statistics
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import pandas as pd
+from nfrt.atomic import atomic_write_text
 from nfrt.config import ModelConfig
 
 import nfsearch
@@ -64,15 +64,7 @@ def partial_path(out: str | os.PathLike[str]) -> Path:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(obj))
 
 
 def _load_state(path: Path, key: dict[str, Any], resume: bool) -> dict[str, Any]:

@@ -34,7 +34,13 @@ def _mismatch(a: ModelConfig, b: ModelConfig) -> str | None:
 class Engine:
     """A model bound to one schedule; see the module docstring."""
 
-    def __init__(self, schedule: Schedule, model: Model, use_partitions: bool = True) -> None:
+    def __init__(self, schedule: Schedule, model: Model, use_partitions: bool = True, trace: bool = False,
+                 green_full_stream: bool = False, serialize: bool = False) -> None:
+        """`trace`: stamp each nano-op's start and end on its stream (`nfrt.trace`; off: no cost).
+        `green_full_stream`: a partition over all SMs gets a green context too, instead of an
+        ordinary stream (the profile times all-SM ops on an ordinary stream). `serialize` (a
+        diagnosis): each nano-op also waits for the one issued before it, so every nano-op runs alone
+        on its own partition inside the graph (solo times without interference)."""
         self.schedule = schedule
         self.model = model
         self.device = model.device
@@ -45,6 +51,13 @@ class Engine:
         self._graph_logits: torch.Tensor | None = None
         self._check_ops()
         self._plan()
+        self.tracer = None
+        if trace:
+            from nfrt.trace import Tracer
+
+            self.tracer = Tracer(self.config.num_layers, len(self.order), self.device)
+        self.green_full_stream = green_full_stream
+        self.serialize = serialize
         self.partitions = None  # nfrt.partition.Partitions, when green contexts are in use
         self.streams: list = []
         if self.device.type == "cuda":
@@ -55,7 +68,8 @@ class Engine:
     def from_schedule(cls, path_or_schedule: str | os.PathLike[str] | Schedule,
                       weights: None | str | os.PathLike[str] | Weights = None,
                       device: torch.device | str | None = None, seed: int = 0, num_pages: int | None = None,
-                      dtype: torch.dtype | None = None, use_partitions: bool = True) -> Engine:
+                      dtype: torch.dtype | None = None, use_partitions: bool = True,
+                      trace: bool = False) -> Engine:
         """Load the schedule, build the model (random weights from `seed`, a HF folder, or a weight
         dict) and a KV cache (`num_pages`, default: the schedule's synthetic batch plus headroom)."""
         schedule = (path_or_schedule if isinstance(path_or_schedule, Schedule)
@@ -93,7 +107,7 @@ class Engine:
             num_pages = pages_needed(synth) + len(synth.decodes) + len(synth.prefills) + 16
         kv = KVCache.for_model(config, num_pages, device, dtype)
         model = Model(config, w, max_tokens=meta.dense_batch, kv_cache=kv, device=device)
-        return cls(schedule, model, use_partitions)
+        return cls(schedule, model, use_partitions, trace=trace)
 
     def sequential_twin(self) -> Engine:
         """An engine over `schedule.as_sequential()` sharing this engine's weights, KV cache and
@@ -148,7 +162,12 @@ class Engine:
                 raise ScheduleError(f"schedule places partitions up to SM slot {top}, but this GPU's "
                                     f"driver splits only {self.partitions.aligned} SMs into "
                                     f"{self.partitions.granularity}-SM groups: re-solve for this GPU")
-            return [self.partitions.stream(parts[st.partition].first_sm, parts[st.partition].num_sms)
+            full = s.metadata.num_sms
+            # A partition over all SMs needs no fence (the schedule orders it against every other
+            # stream): an ordinary stream, as the profile timed it, unless asked otherwise.
+            return [torch.cuda.Stream(self.device)
+                    if parts[st.partition].num_sms == full and not self.green_full_stream
+                    else self.partitions.stream(parts[st.partition].first_sm, parts[st.partition].num_sms)
                     for st in s.streams]
         # Every stream on all SMs (or partitions disabled): plain streams.
         return [torch.cuda.Stream(self.device) for _ in s.streams]
@@ -172,6 +191,17 @@ class Engine:
         self.buffers.prepare(batch, self.model.kv.allocator)
         self.model.bind(self.buffers)
 
+    def bind(self, buffers: BatchBuffers) -> None:
+        """Use static buffers that the caller fills itself (the serving loop, `nfrt.staging`) as the
+        prepared batch; `capture()` then records a graph over them and `replay()` reads them."""
+        if buffers.num_tokens != self.schedule.metadata.dense_batch or (
+                buffers.num_decode != self.schedule.metadata.batch.decode_tokens):
+            raise ScheduleError(f"buffers of {buffers.num_tokens} tokens ({buffers.num_decode} decode) "
+                                f"do not match the schedule's {self.schedule.metadata.dense_batch} "
+                                f"({self.schedule.metadata.batch.decode_tokens} decode)")
+        self.buffers = buffers
+        self.model.bind(buffers)
+
     def synthetic_batch(self, seed: int = 0) -> Batch:
         """The schedule's batch composition as a concrete batch (`nfrt.batch.make_batch`)."""
         return make_batch(self.schedule.metadata.batch, self.config.vocab_size, seed=seed)
@@ -194,37 +224,61 @@ class Engine:
 
     # ---- execution -----------------------------------------------------------------------
     def _forward(self) -> torch.Tensor:
-        m = self.model
+        m, tr = self.model, self.tracer
+        if tr is not None:
+            from nfrt.trace import ITER_END, ITER_START
+
+            tr.stamp(ITER_START)
         m.embed()
         if self.device.type != "cuda":
             for layer in range(self.config.num_layers):
-                for _, nop in self.order:
+                for i, (_, nop) in enumerate(self.order):
+                    if tr is not None:
+                        tr.stamp(tr.slot(layer, i, False))
                     for op in nop.ops:
                         m.run_op(layer, op, *nop.tokens)
-            return m.tail()
+                    if tr is not None:
+                        tr.stamp(tr.slot(layer, i, True))
+            logits = m.tail()
+            if tr is not None:
+                tr.stamp(ITER_END)
+            return logits
         origin = torch.cuda.current_stream(self.device)
         fork = torch.cuda.Event()
         fork.record(origin)
         for st in self.streams:
             st.wait_event(fork)
         events = [[torch.cuda.Event() for _ in self.cross] for _ in range(self.config.num_layers)]
+        prev = None  # serialize: the event after the previously issued nano-op
         for layer in range(self.config.num_layers):
-            for si, nop in self.order:
+            for k, (si, nop) in enumerate(self.order):
                 stream = self.streams[si]
+                if self.serialize and prev is not None:
+                    stream.wait_event(prev)
                 for i in self.waits.get(nop.name, ()):
                     src = layer - 1 if self.cross[i].prev_layer else layer
                     if src >= 0:
                         stream.wait_event(events[src][i])
                 with torch.cuda.stream(stream):
+                    if tr is not None:  # after the waits: the nano-op's real start
+                        tr.stamp(tr.slot(layer, k, False))
                     for op in nop.ops:
                         m.run_op(layer, op, *nop.tokens)
+                    if tr is not None:
+                        tr.stamp(tr.slot(layer, k, True))
+                if self.serialize:
+                    prev = torch.cuda.Event()
+                    prev.record(stream)
                 for i in self.records.get(nop.name, ()):
                     events[layer][i].record(stream)
         for st in self.streams:  # join: the tail runs on the origin stream, on all SMs
             done = torch.cuda.Event()
             done.record(st)
             origin.wait_event(done)
-        return m.tail()
+        logits = m.tail()
+        if tr is not None:
+            tr.stamp(ITER_END)
+        return logits
 
     def capture(self) -> None:
         """Capture the whole forward of the prepared batch's shape into one CUDA graph."""

@@ -9,10 +9,8 @@ fields are type-checked on construction; `Schedule` then runs the cross-field ru
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields, replace
 from functools import cached_property
@@ -22,6 +20,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from nfrt import schedule_validate
+from nfrt.atomic import atomic_write_text
 from nfrt.config import BatchComposition, ModelConfig
 from nfrt.errors import ConfigError, ScheduleError
 
@@ -532,21 +531,7 @@ def save_schedule(schedule: Schedule, path: str | os.PathLike[str]) -> Path:
     """Write atomically: a temp file in the same folder, then os.replace; on failure the old file
     (if any) is untouched and no temp file is left."""
     p = Path(path)
-    data = dumps(schedule).encode("utf-8")
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".partial")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a schedule is meant to be shared
-        os.replace(tmp, p)
-        tmp = None
+        return atomic_write_text(p, dumps(schedule))
     except OSError as e:
         raise ScheduleError(f"cannot write schedule {p}: {e.strerror or e}") from e
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    return p

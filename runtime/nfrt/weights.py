@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from nfrt.atomic import atomic_write, atomic_write_text
 from nfrt.config import ModelConfig
 from nfrt.errors import NfrtError
 
@@ -227,19 +227,8 @@ def save_hf_checkpoint(config: ModelConfig, weights: Weights, folder: str | os.P
             t[p + "mlp.up_proj.weight"] = weights[src + "gate_up"][i:]
             t[p + "mlp.down_proj.weight"] = weights[src + "down"]
     t = {k: v.detach().to("cpu").contiguous().clone() for k, v in t.items()}
-    _atomic_write(folder / "model.safetensors", lambda path: save_file(t, path, metadata={"format": "pt"}))
-    text = json.dumps(hf_config_dict(config), indent=2)
-    _atomic_write(folder / "config.json", lambda path: Path(path).write_text(text))
+    atomic_write(folder / "model.safetensors", lambda path: save_file(t, path, metadata={"format": "pt"}))
+    atomic_write_text(folder / "config.json", json.dumps(hf_config_dict(config), indent=2))
     return folder
 
 
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".partial")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

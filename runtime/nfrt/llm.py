@@ -1,0 +1,344 @@
+"""`nfrt.LLM`: serve generation requests through a schedule (docs/serving.md).
+
+    llm = LLM("schedules/llama3-8b-h200-tp1-splitwise.yaml", weights=None)  # random weights
+    outs = llm.generate([[1, 2, 3], [4, 5]], max_new_tokens=16)  # greedy token ids per request
+    for done in llm.stream(prompts, max_new_tokens=64, temperature=0.8, top_p=0.95, seed=1):
+        print(done.index, done.token_ids)  # in order of completion
+
+The loop per iteration k: the scheduler plans k (`nfrt.scheduler`), the host fills pinned staging
+and enqueues the upload, the forward (one CUDA-graph replay of the fixed-shape batch) and the
+sampling; only then does it wait for iteration k - 1's sampled ids and hand finished requests to
+the caller. So the host plans k + 1 while the device runs k, and tokens that k + 1 feeds back are
+gathered on the device (`nfrt.staging`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from nfrt.engine import Engine
+from nfrt.errors import NfrtError
+from nfrt.kvcache import PAGE_SIZE, KVCache
+from nfrt.sampling import SamplingParams, request_key, sample
+from nfrt.schedule import Schedule
+from nfrt.scheduler import Item, Plan, Request, Scheduler
+from nfrt.staging import ServingShape, StaticBatch
+from nfrt.weights import Weights
+
+SCRATCH_SEQ = -1  # owns the scratch page that padding tokens read and write
+CPU_KV_BUDGET_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request: `index` is its position in the prompts given to `stream`/`generate`."""
+
+    index: int
+    token_ids: tuple[int, ...]
+    finish_reason: Literal["length", "rejected"]
+    error: str | None = None
+
+
+class RejectedError(NfrtError):
+    """Some requests could never fit; `outputs` holds the others' token ids (None where rejected)."""
+
+    def __init__(self, message: str, outputs: list[list[int] | None], errors: dict[int, str]) -> None:
+        super().__init__(message)
+        self.outputs = outputs
+        self.errors = errors
+
+
+def default_prefill_rows(prefill_tokens: int) -> int:
+    """Runs allowed in the prefill region: enough for a few prompts plus overflowing decodes, few
+    enough that the LM head over the sample rows stays a small part of the iteration."""
+    return min(prefill_tokens, 8 + prefill_tokens // 8)
+
+
+class LLM:
+    """A model served through one schedule (see the module docstring and docs/serving.md).
+
+    `weights`: None (random, from `seed`), a Hugging Face checkpoint folder, or a weight dict.
+    `num_pages`: KV pages; default on CUDA: what is left after weights, buffers and the measured
+    transient memory of one forward: `kv_memory_fraction` of the free device memory; on the CPU 1 GiB
+    at most. `max_seq_len`: the longest prompt + output (default: the model's max_position).
+    """
+
+    def __init__(self, schedule: str | os.PathLike[str] | Schedule, weights: None | str | os.PathLike[str] |
+                 Weights = None, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, seed: int = 0, num_pages: int | None = None,
+                 max_seq_len: int | None = None, prefill_rows: int | None = None,
+                 kv_memory_fraction: float = 0.9, cuda_graph: bool = True,
+                 use_partitions: bool = True) -> None:
+        if not 0 < kv_memory_fraction <= 1:
+            raise NfrtError(f"LLM: kv_memory_fraction must be in (0, 1], got {kv_memory_fraction}")
+        if num_pages is not None and num_pages < 2:
+            raise NfrtError(f"LLM: num_pages must be >= 2 (one is the scratch page), got {num_pages}")
+        # One page to start: the cache is sized once the rest of the memory is known.
+        self.engine = eng = Engine.from_schedule(schedule, weights, device=device, seed=seed, num_pages=1,
+                                                 dtype=dtype, use_partitions=use_partitions)
+        self.config, self.device = eng.config, eng.device
+        self.cuda = self.device.type == "cuda"
+        meta = eng.schedule.metadata
+        max_seq_len = max_seq_len or self.config.max_position
+        if not 1 <= max_seq_len <= self.config.max_position:
+            raise NfrtError(f"LLM: max_seq_len {max_seq_len} must be in [1, max_position "
+                            f"{self.config.max_position}] of {self.config.name}")
+        self.max_seq_len = max_seq_len
+        prefill_tokens = meta.dense_batch - meta.batch.decode_tokens
+        rows = default_prefill_rows(prefill_tokens) if prefill_rows is None else prefill_rows
+        self.shape = ServingShape(meta.dense_batch, meta.batch.decode_tokens, rows,
+                                  math.ceil(max_seq_len / PAGE_SIZE))
+        self.static = StaticBatch(self.shape, self.device, PAGE_SIZE, scratch_page=0)
+        s = self.shape.num_samples
+        self.sampled = [torch.zeros(s, dtype=torch.int64, device=self.device) for _ in range(2)]
+        self.host_out = [torch.zeros(s, dtype=torch.int64, pin_memory=self.cuda) for _ in range(2)]
+        self.events = [torch.cuda.Event() for _ in range(2)] if self.cuda else []
+        eng.bind(self.static.buffers)
+        self.kv = eng.model.kv
+        self.kv.allocator.ensure(SCRATCH_SEQ, 1)
+        transient = self._warmup()
+        dtype = eng.model.dtype
+        if num_pages is None:
+            num_pages = self._pages_for_memory(transient, kv_memory_fraction, dtype)
+        self.kv = eng.model.kv = KVCache.for_model(self.config, num_pages, self.device, dtype)
+        if self.kv.allocator.ensure(SCRATCH_SEQ, 1) != [0]:
+            raise NfrtError("LLM: the scratch page must be page 0")
+        self.graph = False
+        if self.cuda and cuda_graph:
+            eng.capture()  # the one graph: every iteration has the same shape
+            self.graph = True
+        self._busy = False
+        self.stats: dict[str, float] = {}
+
+    # ---- sizing ---------------------------------------------------------------------------------
+    def _warmup(self) -> int:
+        """One padding-only iteration (compiles kernels); returns its transient device bytes."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+        self._launch(None, 0, graph=False)
+        if not self.cuda:
+            return 0
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - base
+
+    def _pages_for_memory(self, transient: int, fraction: float, dtype: torch.dtype) -> int:
+        per_page = KVCache.bytes_per_page(self.config, dtype)
+        if not self.cuda:
+            return max(2, min(CPU_KV_BUDGET_BYTES // per_page, 64 * self.shape.pages_per_seq + 1))
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        # A fraction of the memory that is free now (other allocations in this process, such as
+        # another engine, are not ours to count), less what the graph's private pool and the
+        # sampling ops need: about one forward's transient memory each.
+        budget = fraction * free - 2 * transient
+        pages = int(budget // per_page)
+        if pages < 2:
+            raise NfrtError(f"LLM: no device memory left for the KV cache ({free / 2**30:.2f} GiB free, "
+                            f"{transient / 2**30:.2f} GiB transient per forward)")
+        return pages
+
+    @property
+    def num_pages(self) -> int:
+        return self.kv.num_pages
+
+    @property
+    def usable_pages(self) -> int:
+        """Pages requests can hold (all but the scratch page)."""
+        return self.kv.num_pages - 1
+
+    @property
+    def free_pages(self) -> int:
+        """Pages free now; equals `usable_pages` whenever no generation is running."""
+        return self.kv.allocator.free_pages
+
+    # ---- one iteration --------------------------------------------------------------------------
+    def _launch(self, plan: Plan | None, iteration: int, graph: bool | None = None) -> None:
+        """Stage `plan` and enqueue upload, forward, sampling and the read-back (no host wait)."""
+        which = iteration % 2
+        sampling = self.static.fill(plan, self.kv.allocator.pages, which)
+        self.static.upload(which, self.sampled[1 - which])
+        use_graph = self.graph if graph is None else graph
+        logits = self.engine.replay() if use_graph else self.engine.run()
+        d = self.static.dev
+        sample(logits, d["temperature"], d["top_p"], d["keys"], d["steps"], self.sampled[which],
+               greedy_only=not sampling)
+        self.host_out[which].copy_(self.sampled[which], non_blocking=self.cuda)
+        if self.cuda:
+            self.events[which].record()
+
+    def _collect(self, plan: Plan) -> Iterator[Completion]:
+        """Wait for `plan`'s sampled ids; append them; yield the requests that finished."""
+        which = plan.iteration % 2
+        if self.cuda:
+            self.events[which].synchronize()
+        tokens = self.host_out[which].tolist()
+        for it in plan.decode + plan.prefill:
+            if it.sample_row < 0:
+                continue
+            r = it.request
+            r.outputs.append(tokens[it.sample_row])
+            if r.pending is not None and r.pending[0] == plan.iteration:
+                r.pending = None
+            if r.done:
+                yield Completion(r.index, tuple(r.outputs), "length")
+
+    # ---- public API -----------------------------------------------------------------------------
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 16,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Iterator[Completion]:
+        """Finished requests in order of completion (rejected ones first, with `error` set).
+        Bad input (empty prompt, token outside the vocabulary, ...) raises NfrtError here."""
+        return self._run(self._requests(prompts, max_new_tokens, SamplingParams(temperature, top_p, seed)))
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 16,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+        """Generated token ids per request, in the prompts' order. Requests that can never fit are
+        rejected: the others still complete, then RejectedError carries their outputs."""
+        outputs: list[list[int] | None] = [None] * len(prompts)
+        errors: dict[int, str] = {}
+        for c in self.stream(prompts, max_new_tokens, temperature, top_p, seed):
+            if c.error is not None:
+                errors[c.index] = c.error
+            else:
+                outputs[c.index] = list(c.token_ids)
+        if errors:
+            first = min(errors)
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise RejectedError(errors[first] + more, outputs, errors)
+        return outputs  # type: ignore[return-value]
+
+    def _requests(self, prompts, max_new_tokens, params: SamplingParams) -> list[Request]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise NfrtError("generate: prompts must be a list of token-id lists")
+        n = len(prompts)
+        if isinstance(max_new_tokens, Sequence):
+            if len(max_new_tokens) != n:
+                raise NfrtError(f"generate: {len(max_new_tokens)} max_new_tokens for {n} prompts")
+            news = list(max_new_tokens)
+        else:
+            news = [max_new_tokens] * n
+        vocab = self.config.vocab_size
+        out = []
+        for i, (p, m) in enumerate(zip(prompts, news, strict=True)):
+            if not isinstance(m, (int, np.integer)) or isinstance(m, bool) or m < 1:
+                raise NfrtError(f"request {i}: max_new_tokens must be an integer >= 1, got {m!r}")
+            if isinstance(p, (str, bytes)):
+                raise NfrtError(f"prompt {i}: must be a list of token ids, got a string")
+            arr = np.asarray(p.tolist() if isinstance(p, torch.Tensor) else list(p))
+            if arr.size == 0:
+                raise NfrtError(f"prompt {i} is empty: a request needs at least one token")
+            if arr.ndim != 1 or arr.dtype.kind not in "iu":
+                raise NfrtError(f"prompt {i}: token ids must be integers, got {arr.dtype} "
+                                f"of shape {arr.shape}")
+            bad = np.flatnonzero((arr < 0) | (arr >= vocab))
+            if bad.size:
+                j = int(bad[0])
+                raise NfrtError(f"prompt {i}: token id {int(arr[j])} at position {j} is outside the "
+                                f"vocabulary [0, {vocab}) of {self.config.name}")
+            out.append(Request(index=i, prompt=tuple(arr.tolist()), max_new_tokens=int(m),
+                               key=request_key(params.seed, i), temperature=float(params.temperature),
+                               top_p=float(params.top_p)))
+        return out
+
+    def _run(self, requests: list[Request]) -> Iterator[Completion]:
+        if self._busy:
+            raise NfrtError("LLM: another stream is still running on this LLM (exhaust or close it first)")
+        self._busy = True
+        s = self.shape
+        sched = Scheduler(self.kv.allocator, self.usable_pages, s.decode_slots, s.prefill_tokens,
+                          s.prefill_rows, self.max_seq_len)
+        stats = {"iterations": 0, "tokens": 0, "start_s": time.perf_counter()}
+        self.stats = stats
+        try:
+            for r in requests:
+                err = sched.add(r)
+                if err is not None:
+                    yield Completion(r.index, (), "rejected", err)
+            k, inflight = 0, None
+            while True:
+                plan = sched.schedule(k)
+                if plan is not None:
+                    self._launch(plan, k)
+                    stats["iterations"] += 1
+                    stats["tokens"] += plan.num_tokens
+                if inflight is not None:
+                    yield from self._collect(inflight)
+                if plan is None:
+                    break
+                inflight, k = plan, k + 1
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize(self.device)  # nothing in flight touches the pages freed next
+            sched.abort()
+            self._busy = False
+            stats["wall_s"] = time.perf_counter() - stats["start_s"]
+
+    # ---- measurement ----------------------------------------------------------------------------
+    def time_iteration(self, iters: int = 20, warmup: int = 3) -> dict[str, float]:
+        """Median time of the serving forward on the schedule's own batch composition (decode slots
+        at its mean context, the prefill region in prompts of its mean length), back to back with
+        no host work between: the iteration-level speed beside which end-to-end throughput is read."""
+        if self._busy:
+            raise NfrtError("LLM: time_iteration while a stream is running")
+        comp, s = self.engine.schedule.metadata.batch, self.shape
+        free = self.free_pages
+        want_ctx = max(1, min(comp.decode_context, self.max_seq_len))
+        pre_ctx = max(1, min(comp.prefill_context or 1, self.max_seq_len, s.prefill_tokens or 1))
+        n_pre = math.ceil(s.prefill_tokens / pre_ctx) if s.prefill_tokens else 0
+        n_pre = min(n_pre, s.prefill_rows)
+        pre_pages = n_pre * math.ceil(pre_ctx / PAGE_SIZE)
+        per_dec = max(1, (free - pre_pages) // max(1, s.decode_slots)) if s.decode_slots else 0
+        ctx = min(want_ctx, per_dec * PAGE_SIZE) if s.decode_slots else 0
+        if s.decode_slots and ctx < 1:
+            raise NfrtError("LLM: the KV cache is too small to time the schedule's batch")
+        base = 1 << 40
+        reqs = []
+        decode = []
+        for j in range(s.decode_slots):
+            r = Request(base + j, (0,) * ctx, 1, num_sampled=1)
+            decode.append(Item(r, ctx - 1, 1, j))
+            reqs.append(r)
+        prefill, left = [], s.prefill_tokens
+        for k in range(n_pre):
+            n = min(pre_ctx, left) if k < n_pre - 1 else left
+            r = Request(base + s.decode_slots + k, (0,) * n, 1, num_sampled=1)
+            prefill.append(Item(r, 0, n, s.decode_slots + k))
+            reqs.append(r)
+            left -= n
+        try:
+            for it in decode + prefill:
+                self.kv.allocator.ensure(it.request.index, it.start + it.length)
+            plan = Plan(0, tuple(decode), tuple(prefill))
+            times = []
+            for i in range(warmup + iters):
+                t0 = time.perf_counter()
+                self._launch(plan, 0)
+                if self.cuda:
+                    self.events[0].synchronize()
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+            if self.cuda:  # device time of the forward alone, with events around back-to-back replays
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(iters):
+                    self.engine.replay() if self.graph else self.engine.run()
+                end.record()
+                end.synchronize()
+                forward_us = start.elapsed_time(end) * 1e3 / iters
+            else:
+                forward_us = float(np.median(times)) * 1e6
+        finally:
+            for r in reqs:
+                self.kv.allocator.free(r.index)
+        return {"forward_us": forward_us, "iteration_us": float(np.median(times)) * 1e6,
+                "tokens_per_s": s.dense_batch / (forward_us * 1e-6), "decode_context": ctx,
+                "prefill_context": pre_ctx}

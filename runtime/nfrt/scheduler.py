@@ -1,0 +1,234 @@
+"""Continuous batching: which tokens of which requests run in the next dense batch.
+
+Pure Python (no torch): the serving loop (`nfrt.llm`) turns a `Plan` into the static buffers.
+
+The dense batch has a fixed shape (docs/serving.md): `decode_slots` single-token slots (the
+schedule's decode tokens, run by decode attention) and a prefill region of `prefill_tokens`
+tokens in at most `prefill_rows` runs of consecutive positions of one request each (run by
+prefill attention). Every iteration, in this order:
+
+1. requests past their prompt take one token each: decode slots first, least recently served
+   first; the rest go into the prefill region as runs of length 1 (so a batch mix with more
+   running requests than decode slots still serves everyone);
+2. admitted requests still in their prompt take the next chunk of it, as large as the prefill
+   region has room for; when the region is full, one prompt token goes into a free decode slot;
+3. waiting requests are admitted first come first served while there is room in the batch and
+   their projected KV need fits (see below), and take their first chunk the same way.
+
+Admission reserves the pages of a request's whole life — prompt plus `max_new_tokens - 1`
+positions (the last sampled token is never fed back) — so the cache never runs out mid-flight and
+nothing is preempted. Pages are allocated as positions are scheduled and freed once the request's
+last token is scheduled: later iterations that reuse them run after it on the same stream.
+(They are released at the next `schedule` call, once the plan that scheduled their last token
+has been staged.) A request that could never fit (longer than `max_seq_len`, or more pages than
+the cache has) is rejected by `add` with a message, and the others proceed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from nfrt.errors import NfrtError
+
+
+class Allocator(Protocol):  # nfrt.kvcache.PageAllocator
+    page_size: int
+
+    def ensure(self, seq_id: int, num_tokens: int) -> list[int]: ...
+
+    def free(self, seq_id: int) -> None: ...
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request and its progress (host side)."""
+
+    index: int  # the caller's position; also the KV sequence id
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    key: int = 0  # sampling noise key (nfrt.sampling.request_key)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    outputs: list[int] = field(default_factory=list)  # tokens read back so far
+    num_computed: int = 0  # positions scheduled (fed) so far
+    num_sampled: int = 0  # samples scheduled so far (read back or in flight)
+    pending: tuple[int, int] | None = None  # (iteration, sample row) of a sample not read back yet
+    last_iter: int = -1
+    admitted: bool = False
+    released: bool = False
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def kv_positions(self) -> int:
+        """Positions the request holds at its end: prompt plus every output but the last."""
+        return self.prompt_len + self.max_new_tokens - 1
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < self.prompt_len
+
+    @property
+    def scheduled_all(self) -> bool:
+        return self.num_sampled >= self.max_new_tokens
+
+    @property
+    def done(self) -> bool:
+        return len(self.outputs) >= self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class Item:
+    """Positions [start, start + length) of one request in one iteration."""
+
+    request: Request
+    start: int
+    length: int
+    sample_row: int  # row of the iteration's logits to sample from; -1: no sample (mid-prompt chunk)
+    prev: tuple[int, int] | None = None  # the request's sample in flight when planned: (iteration, row)
+
+
+@dataclass(frozen=True)
+class Plan:
+    iteration: int
+    decode: tuple[Item, ...]  # single-token items in decode slots 0, 1, ...
+    prefill: tuple[Item, ...]  # runs in prefill rows 0, 1, ... (tokens in this order)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decode) + sum(i.length for i in self.prefill)
+
+
+class Scheduler:
+    """See the module docstring. One instance serves one `LLM.stream` call."""
+
+    def __init__(self, allocator: Allocator, usable_pages: int, decode_slots: int, prefill_tokens: int,
+                 prefill_rows: int, max_seq_len: int) -> None:
+        if decode_slots < 0 or prefill_tokens < 0 or decode_slots + prefill_tokens == 0:
+            raise NfrtError(f"scheduler: decode_slots {decode_slots} and prefill_tokens {prefill_tokens} "
+                            "must be >= 0 with a positive sum")
+        if prefill_tokens and prefill_rows < 1:
+            raise NfrtError(f"scheduler: prefill_rows must be >= 1 with a prefill region, got {prefill_rows}")
+        self.allocator = allocator
+        self.page_size = allocator.page_size
+        self.usable_pages = usable_pages
+        self.decode_slots = decode_slots
+        self.prefill_tokens = prefill_tokens
+        self.prefill_rows = prefill_rows if prefill_tokens else 0
+        self.max_seq_len = max_seq_len
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []  # admitted, not all tokens scheduled; admission order
+        self.committed_pages = 0  # pages reserved by admitted requests not yet released
+        self._finishing: list[Request] = []  # all tokens scheduled in the last plan: released next call
+
+    def pages_for(self, r: Request) -> int:
+        return math.ceil(r.kv_positions / self.page_size)
+
+    def add(self, r: Request) -> str | None:
+        """Queue `r`; returns why it can never run (and does not queue it), else None."""
+        what = (f"request {r.index} rejected: prompt of {r.prompt_len} tokens + {r.max_new_tokens} new "
+                f"tokens "
+                f"needs {r.kv_positions} KV positions")
+        if r.kv_positions > self.max_seq_len:
+            return f"{what}, more than max_seq_len {self.max_seq_len}"
+        if self.pages_for(r) > self.usable_pages:
+            return (f"{what} = {self.pages_for(r)} pages of {self.page_size}, the KV cache has "
+                    f"{self.usable_pages} (raise num_pages or shorten the request)")
+        self.waiting.append(r)
+        return None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self, iteration: int) -> Plan | None:
+        """The next iteration's plan, or None when no request is left to schedule.
+
+        Requests whose last token the previous plan scheduled are released first: that plan has
+        been staged (its page tables copied), and this one runs after it."""
+        for r in self._finishing:
+            self.release(r)
+        self._finishing = []
+        decode: list[Item] = []
+        prefill: list[Item] = []
+        room = self.prefill_tokens  # prefill-region tokens left
+
+        def sample_row(r: Request, end: int, slot: int | None) -> int:
+            if end < r.prompt_len:
+                return -1
+            return slot if slot is not None else self.decode_slots + len(prefill)
+
+        def place(r: Request, want: int) -> bool:
+            """Put up to `want` next positions of r into the batch; False when there is no room."""
+            nonlocal room
+            start = r.num_computed
+            if room and len(prefill) < self.prefill_rows and (want > 1 or len(decode) >= self.decode_slots):
+                n = min(want, room)
+                prefill.append(Item(r, start, n, sample_row(r, start + n, None), r.pending))
+                room -= n
+            elif len(decode) < self.decode_slots:
+                decode.append(Item(r, start, 1, sample_row(r, start + 1, len(decode)), r.pending))
+            else:
+                return False
+            return True
+
+        # 1. running requests past their prompt: one token each, least recently served first
+        for r in sorted((r for r in self.running if not r.prefilling), key=lambda r: (r.last_iter, r.index)):
+            if not place(r, 1):
+                break
+        # 2. admitted prompts, then 3. newly admitted ones
+        for r in [r for r in self.running if r.prefilling]:
+            if not place(r, r.prompt_len - r.num_computed):
+                break
+        while self.waiting and self._batch_has_room(decode, prefill, room):
+            r = self.waiting[0]
+            need = self.pages_for(r)
+            if self.committed_pages + need > self.usable_pages:
+                break  # first come first served: later requests wait behind this one
+            self.waiting.pop(0)
+            r.admitted = True
+            self.committed_pages += need
+            self.running.append(r)
+            place(r, r.prompt_len)
+        if not decode and not prefill:
+            if self.has_work:  # cannot happen: add() rejects what could never be admitted
+                raise NfrtError("scheduler: requests left but none can be scheduled")
+            return None
+        for item in decode + prefill:
+            self._commit(item, iteration)
+        self.running = [r for r in self.running if not r.scheduled_all]
+        return Plan(iteration, tuple(decode), tuple(prefill))
+
+    def _batch_has_room(self, decode: list[Item], prefill: list[Item], room: int) -> bool:
+        return len(decode) < self.decode_slots or (room > 0 and len(prefill) < self.prefill_rows)
+
+    def _commit(self, item: Item, iteration: int) -> None:
+        r = item.request
+        end = item.start + item.length
+        self.allocator.ensure(r.index, end)
+        r.num_computed = end
+        r.last_iter = iteration
+        if item.sample_row >= 0:
+            r.num_sampled += 1
+            r.pending = (iteration, item.sample_row)
+        if r.scheduled_all:
+            self._finishing.append(r)
+
+    def release(self, r: Request) -> None:
+        """Free r's pages and reservation (idempotent)."""
+        if r.released:
+            return
+        self.allocator.free(r.index)
+        if r.admitted:
+            self.committed_pages -= self.pages_for(r)
+        r.released = True
+
+    def abort(self) -> None:
+        """Release every request (the caller stopped early): all pages are free afterwards."""
+        for r in self._finishing + self.running + self.waiting:
+            self.release(r)
+        self._finishing, self.running, self.waiting = [], [], []
