@@ -17,8 +17,11 @@ from pathlib import Path
 from nfrt.atomic import atomic_write_text
 from nfrt.schedule import dumps, save_schedule
 
-from nfsearch.models import builtin_models
+from nfsearch import workload
+from nfsearch.gpus import resolve_gpu
+from nfsearch.models import builtin_models, resolve_model
 from nfsearch.plan import REPO_ROOT, SolveConfig, default_output, plan
+from nfsearch.workload import parse_workload
 
 GPUS = ("h100-sxm", "h200")
 WORKLOAD = "splitwise"
@@ -31,20 +34,8 @@ def normalised(text: str) -> str:
 
 
 def smallest_tp(model: str, gpu: str) -> int:
-    """The least tensor-parallel degree at which the model's weights fit on the GPUs."""
-    from nfsearch.errors import NfsearchError
-    from nfsearch.gpus import resolve_gpu
-    from nfsearch.models import resolve_model
-    from nfsearch.workload import compose_batch, parse_workload
-
-    for tp in (1, 2, 4, 8):
-        try:
-            compose_batch(resolve_model(model), parse_workload(WORKLOAD), resolve_gpu(gpu), tp=tp,
-                          round_to=SolveConfig.granularity_tokens)
-            return tp
-        except NfsearchError:
-            continue
-    raise SystemExit(f"{model} does not fit on 8 x {gpu}")
+    return workload.smallest_tp(resolve_model(model), parse_workload(WORKLOAD), resolve_gpu(gpu),
+                                round_to=SolveConfig.granularity_tokens)
 
 
 # the benchmark rows of issue 6 that are not splitwise

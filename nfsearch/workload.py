@@ -147,3 +147,16 @@ def compose_batch(model: ModelConfig, workload: Workload, gpu: GpuSpec, tp: int 
     return Composition(batch=batch, concurrency=decode, kv_capacity_tokens=capacity,
                        kv_bytes_per_token=kv_token, weight_bytes_per_gpu=weights, kv_limited=kv_limited,
                        note=note)
+
+
+def smallest_tp(model: ModelConfig, workload: Workload, gpu: GpuSpec, dense_batch: int = DEFAULT_DENSE_BATCH,
+                round_to: int = 1, candidates: tuple[int, ...] = (1, 2, 4, 8)) -> int:
+    """The least tensor-parallel degree whose weights and KV cache fit (`compose_batch` succeeds)."""
+    why = ""
+    for tp in candidates:
+        try:
+            compose_batch(model, workload, gpu, tp=tp, dense_batch=dense_batch, round_to=round_to)
+            return tp
+        except NfsearchError as e:
+            why = str(e)
+    raise NfsearchError(f"{model.name} does not fit on {max(candidates)} x {gpu.name}: {why}")

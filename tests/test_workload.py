@@ -120,3 +120,19 @@ def test_weights_too_large_and_bad_inputs() -> None:
         compose_batch(model, parse_workload("splitwise"), gpu, tp=8, activation_reserve_frac=1.0)
     with pytest.raises(NfsearchError, match="does not divide"):
         compose_batch(model, parse_workload("splitwise"), gpu, tp=3)
+
+
+def test_smallest_tp_is_the_least_degree_that_fits():
+    from nfsearch.errors import NfsearchError
+    from nfsearch.gpus import resolve_gpu
+    from nfsearch.models import resolve_model
+    from nfsearch.workload import compose_batch, parse_workload, smallest_tp
+
+    w, h200 = parse_workload("splitwise"), resolve_gpu("h200")
+    assert smallest_tp(resolve_model("llama3-8b"), w, h200) == 1
+    tp = smallest_tp(resolve_model("llama2-70b"), w, h200, round_to=64)
+    assert tp == 2  # 138 GB of bf16 weights do not fit one 141 GB GPU with a KV cache
+    with pytest.raises(NfsearchError):
+        compose_batch(resolve_model("llama2-70b"), w, h200, tp=1, round_to=64)
+    with pytest.raises(NfsearchError, match="does not fit"):
+        smallest_tp(resolve_model("llama2-70b"), w, h200, candidates=(1,))
