@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install, the GPU tests, then `nfsearch bench` of each schedule given.
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh schedules/a.yaml [schedules/b.yaml ...]
-# Logs and bench records land under $OUT.
+# Logs and bench records land under $OUT. TIMELINE=<substring>: also pass --timeline $OUT/<name>.png
+# to the bench of each schedule whose path contains it (e.g. TIMELINE=const).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/nfsearch-out}
@@ -13,6 +14,10 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu
 timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 for s in "$@"; do
   echo "=== bench $s"
-  timeout 420 python3 -m nfsearch bench --schedule "$s" --iters 20 --breakdown --out "$OUT" 2>&1 \
+  extra=()
+  if [ -n "${TIMELINE:-}" ] && [[ "$s" == *"$TIMELINE"* ]]; then
+    extra=(--timeline "$OUT/$(basename "$s" .yaml).png")
+  fi
+  timeout 420 python3 -m nfsearch bench --schedule "$s" --iters 20 --breakdown --out "$OUT" "${extra[@]}" 2>&1 \
     | tee -a "$OUT/bench.log" | grep -v '%|'
 done

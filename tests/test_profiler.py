@@ -59,11 +59,11 @@ class FakeTimer:
         tick(len(points))
         return [self.latency(op, t, c, num_sms) for op, t, c in points]
 
-    def corun(self, small, large, compute_ops, memory_ops, tick):
-        self.corun_calls.append(small)
-        tick(2 * len(compute_ops) * len(memory_ops))
-        return [(c, m, cs, ms, self.slow * (1 + 0.1 * small / 132), 0.99)
-                for cs, ms in ((small, large), (large, small)) for c in compute_ops for m in memory_ops]
+    def corun(self, memory_sms, compute_sms, compute_ops, memory_ops, tick):
+        self.corun_calls.append(memory_sms)
+        tick(len(compute_ops) * len(memory_ops))
+        return [(c, m, compute_sms, memory_sms, self.slow * (1 + 0.1 * memory_sms / 132), 0.99,
+                 self.scale[c], self.scale[m]) for c in compute_ops for m in memory_ops]
 
     def describe(self):
         return "fake timer."
@@ -84,7 +84,10 @@ def test_full_grid_covers_solve() -> None:
     # contexts of the built-in workloads (decode 196..1260, prompts 92..1155) lie inside
     assert g.decode_contexts[0] <= 196 and g.decode_contexts[-1] >= 1260
     assert g.prefill_contexts[0] <= 92 and g.prefill_contexts[-1] >= 1155
-    assert split_pairs(g) == [(s, 132 - s) for s in range(8, 65, 8)]
+    # interference: memory on m SMs beside compute on the rest of the 120 placed SMs (H200 layout)
+    h200 = full_grid(132, 8, 8, resolve_gpu("h200").placeable_sms)
+    assert split_pairs(h200) == [(m, 120 - m) for m in (16, 32, 48, 64, 80)]
+    assert all(m + c <= 120 for m, c in split_pairs(quick_grid(132, 8, 8, 120)))
 
 
 def test_quick_grid_is_smaller_and_ends_at_all_sms() -> None:
@@ -107,7 +110,8 @@ def test_op_points_per_model() -> None:
     assert all(c == 0 for op, t, c in dense if op not in ("attn_decode", "attn_prefill"))
     assert len(set(dense)) == len(dense)
     comp, mem = interference_ops(resolve_model("mixtral"))
-    assert "expert_down" in comp and "gate_up" not in comp and mem == ("attn_decode", "kv_append")
+    assert "expert_down" in comp and "gate_up" not in comp and mem == ("attn_decode",)
+    assert "attn_prefill" not in comp  # GEMMs only: the ops that run long beside decode attention
 
 
 def test_grid_validates() -> None:
@@ -115,10 +119,14 @@ def test_grid_validates() -> None:
         ProfileGrid(sms=(16, 8, 132), tokens=(64,), decode_requests=(64,), decode_contexts=(32,),
                     prefill_tokens=(64,), prefill_contexts=(32,), splits=(8,), interference_tokens=64,
                     interference_decode=(64, 64), repeats=3)
-    with pytest.raises(NfsearchError, match="half"):
+    with pytest.raises(NfsearchError, match="leave compute SMs"):
         ProfileGrid(sms=(8, 132), tokens=(64,), decode_requests=(64,), decode_contexts=(32,),
-                    prefill_tokens=(64,), prefill_contexts=(32,), splits=(72,), interference_tokens=64,
-                    interference_decode=(64, 64), repeats=3)
+                    prefill_tokens=(64,), prefill_contexts=(32,), splits=(120,), interference_tokens=64,
+                    interference_decode=(64, 64), repeats=3, placed_sms=120)
+    with pytest.raises(NfsearchError, match="placed_sms"):
+        ProfileGrid(sms=(8, 132), tokens=(64,), decode_requests=(64,), decode_contexts=(32,),
+                    prefill_tokens=(64,), prefill_contexts=(32,), splits=(8,), interference_tokens=64,
+                    interference_decode=(64, 64), repeats=3, placed_sms=136)
 
 
 def test_profile_from_fake_timer_is_valid_and_solvable(tmp_path) -> None:
@@ -204,16 +212,26 @@ def test_resume_refuses_a_partial_file_of_another_run(tmp_path) -> None:
         run_profile(timer=FakeTimer(1), out=out, resume=True, **_args("llama3-8b", full_grid()))
 
 
-def test_aggregate_interference_median_and_clamp() -> None:
-    rows = [("a", "m", 16, 116, 1.2, 0.9), ("b", "m", 16, 116, 1.4, 1.05), ("c", "m", 16, 116, 1.3, 1.1),
-            ("a", "m", 116, 16, 1.01, 1.5)]
-    table, note = aggregate_interference(rows, (8, 16, 116, 132))
+def test_aggregate_interference_weighted_compute_max_memory() -> None:
+    rng = random.Random()
+    slows = [rng.uniform(1.0, 2.0) for _ in range(3)]
+    solo = [rng.uniform(10.0, 500.0) for _ in range(3)]
+    mslow = [rng.uniform(1.0, 1.6) for _ in range(3)]
+    rows = [(op, "attn_decode", 72, 48, x, m, w, 800.0)
+            for op, x, m, w in zip(("qkv_proj", "gate_up", "down"), slows, mslow, solo, strict=True)]
+    rows.append(("gate_up", "attn_decode", 104, 16, 0.97, 1.2, 300.0, 900.0))
+    table, note = aggregate_interference(rows, (8, 16, 48, 72, 104, 132))
     d = {(k, o, s): x for k, o, s, x in table}
-    assert d[("compute", "memory", 16)] == pytest.approx(1.3)  # median of 1.2, 1.4, 1.3
-    assert d[("memory", "compute", 116)] == pytest.approx(1.05)
-    assert d[("compute", "memory", 8)] == d[("compute", "memory", 16)]  # edge copied
-    assert d[("compute", "memory", 132)] == pytest.approx(1.01)
-    assert all(x >= 1.0 for x in d.values()) and "1 of 8 raw ratios" in note
+    # compute: sum of co-run time over sum of solo time of the GEMMs on 72 SMs
+    want = sum(x * w for x, w in zip(slows, solo, strict=True)) / sum(solo)
+    assert d[("compute", "memory", 72)] == pytest.approx(max(1.0, want))
+    assert d[("memory", "compute", 48)] == pytest.approx(max(1.0, *mslow))  # worst partner
+    assert d[("compute", "memory", 104)] == 1.0  # 0.97 clamped
+    assert d[("compute", "memory", 8)] == d[("compute", "memory", 72)]  # edges copied
+    assert d[("compute", "memory", 132)] == d[("compute", "memory", 104)]
+    assert d[("memory", "compute", 132)] == d[("memory", "compute", 48)]
+    assert ("compute", "memory", 48) not in d and ("memory", "compute", 72) not in d
+    assert all(x >= 1.0 for x in d.values()) and "weighted" in note
 
 
 def test_no_gpu_error_names_shipped_profiles(capsys) -> None:

@@ -22,7 +22,8 @@ def _tiny_grid() -> ProfileGrid:
     total, small = props.multi_processor_count, (8 if props.major >= 9 else 4)
     return ProfileGrid(sms=(small, 2 * small, total), tokens=(64, 256), decode_requests=(64, 128),
                        decode_contexts=(32, 256), prefill_tokens=(64, 128), prefill_contexts=(32, 128),
-                       splits=(2 * small,), interference_tokens=128, interference_decode=(64, 256), repeats=3)
+                       splits=(2 * small,), interference_tokens=128, interference_decode=(64, 256), repeats=3,
+                       placed_sms=4 * small, corun_s=0.05)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])

@@ -87,12 +87,14 @@ def run_profile_command(args: argparse.Namespace) -> int:
     if slug is not None:
         spec = resolve_gpu(slug)
         gran, min_sms, nvlink = spec.sm_granularity, spec.min_partition_sms, spec.nvlink_gbps
+        placed = spec.placeable_sms
     else:
         slug = _slugify(name)
         gran, min_sms, nvlink = (8, 8, 0.0) if props.major >= 9 else (2, 4, 0.0)
+        placed = None
         print(f"warning: {name} is not a built-in GPU; writing under profiles/{slug}/ (nfsearch solve "
               f"--profile FILE can use it)", file=sys.stderr)
-    grid = (quick_grid if args.quick else full_grid)(props.multi_processor_count, gran, min_sms)
+    grid = (quick_grid if args.quick else full_grid)(props.multi_processor_count, gran, min_sms, placed)
     out = Path(args.out) if args.out else profiles_root() / slug / profile_filename(model.name, args.tp)
     t0 = time.perf_counter()
     timer = GpuTimer(model, args.tp, grid, device=args.device)

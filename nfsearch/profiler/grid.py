@@ -21,10 +21,14 @@ from nfsearch.opgraph import layer_ops, tail_ops
 
 # Decode attention and prefill attention have a context axis; every other op is profiled at 0.
 CONTEXT_OPS = ("attn_decode", "attn_prefill")
-# Interference: the compute ops that co-run with the memory ops (network ops join under TP).
-INTERFERENCE_COMPUTE = ("qkv_proj", "o_proj", "gate_up", "down", "expert_gate_up", "expert_down",
-                        "attn_prefill")
-INTERFERENCE_MEMORY = ("attn_decode", "kv_append")
+# Interference: the layer's GEMMs co-run with decode attention, the one memory op that runs long
+# beside them in a schedule (kv_append is a few us and barely loads HBM: pairing with it diluted
+# the table). Network ops join under TP.
+INTERFERENCE_COMPUTE = ("qkv_proj", "o_proj", "gate_up", "down", "expert_gate_up", "expert_down")
+INTERFERENCE_MEMORY = ("attn_decode",)
+# Memory-partition sizes of the interference co-runs; compute gets the rest of the placeable SMs.
+FULL_SPLITS = (16, 32, 48, 64, 80)
+QUICK_SPLITS = (32, 48, 64)
 
 
 # Every 64 tokens up to 256 (GEMM tile steps matter most there), then about 1.5x apart.
@@ -41,10 +45,14 @@ class ProfileGrid:
     decode_contexts: tuple[int, ...]
     prefill_tokens: tuple[int, ...]
     prefill_contexts: tuple[int, ...]
-    splits: tuple[int, ...]  # interference: the smaller partition; the other gets the remaining SMs
+    splits: tuple[int, ...]  # interference: memory-partition SMs; compute gets placed_sms - split
     interference_tokens: int  # tokens of the compute ops (prefill: prompts of this length too)
     interference_decode: tuple[int, int]  # (requests, context) of attn_decode while co-running
     repeats: int  # timed graph replays per point (median)
+    # SMs two side-by-side partitions share, as the engine places them (nfrt.partition.make_layout:
+    # compute [0, c), memory [placed - m, placed)); 120 of 132 on an H200
+    placed_sms: int = 0
+    corun_s: float = 0.4  # seconds each interference co-run is sustained (power-capped steady state)
 
     def __post_init__(self) -> None:
         for name in ("sms", "tokens", "decode_requests", "decode_contexts", "prefill_tokens",
@@ -56,9 +64,16 @@ class ProfileGrid:
         if self.repeats < 1 or self.interference_tokens < 1 or min(self.interference_decode) < 1:
             raise NfsearchError("profile grid: repeats, interference_tokens and interference_decode must "
                                 "be positive")
-        if self.splits[-1] * 2 > self.sms[-1]:
-            raise NfsearchError(f"profile grid: split {self.splits[-1]} must be at most half of "
-                                f"{self.sms[-1]} SMs (it is the smaller partition)")
+        if self.placed_sms == 0:
+            object.__setattr__(self, "placed_sms", self.sms[-1])
+        if not 0 < self.placed_sms <= self.sms[-1]:
+            raise NfsearchError(f"profile grid: placed_sms {self.placed_sms} must be within "
+                                f"1..{self.sms[-1]}")
+        if self.splits[-1] >= self.placed_sms:
+            raise NfsearchError(f"profile grid: split {self.splits[-1]} must leave compute SMs of the "
+                                f"{self.placed_sms} placed SMs")
+        if not self.corun_s > 0:
+            raise NfsearchError(f"profile grid: corun_s must be positive, got {self.corun_s!r}")
 
     @property
     def num_sms(self) -> int:
@@ -73,9 +88,15 @@ def sm_sizes(num_sms: int, granularity: int, min_sms: int) -> tuple[int, ...]:
     return tuple(sorted({*range(min_sms, num_sms + 1, granularity), num_sms}))
 
 
-def full_grid(num_sms: int = 132, granularity: int = 8, min_sms: int = 8) -> ProfileGrid:
+def _splits(want: tuple[int, ...], sms: tuple[int, ...], placed: int) -> tuple[int, ...]:
+    got = tuple(s for s in want if s in sms and s < placed)
+    return got or tuple(s for s in sms if 2 * s <= placed)[-3:]
+
+
+def full_grid(num_sms: int = 132, granularity: int = 8, min_sms: int = 8,
+              placed_sms: int | None = None) -> ProfileGrid:
     sms = sm_sizes(num_sms, granularity, min_sms)
-    half = [s for s in sms if 2 * s <= num_sms]
+    placed = placed_sms or num_sms - num_sms % granularity
     return ProfileGrid(
         sms=sms,
         tokens=FULL_TOKENS,
@@ -83,17 +104,18 @@ def full_grid(num_sms: int = 132, granularity: int = 8, min_sms: int = 8) -> Pro
         decode_contexts=(32, 128, 256, 512, 1024, 2048, 4096),
         prefill_tokens=FULL_TOKENS,
         prefill_contexts=(32, 128, 256, 512, 1024, 2048, 4096),
-        splits=tuple(half),
-        interference_tokens=1024, interference_decode=(512, 1024), repeats=7)
+        splits=_splits(FULL_SPLITS, sms, placed),
+        interference_tokens=1024, interference_decode=(512, 1024), repeats=7, placed_sms=placed, corun_s=0.4)
 
 
-def quick_grid(num_sms: int = 132, granularity: int = 8, min_sms: int = 8) -> ProfileGrid:
+def quick_grid(num_sms: int = 132, granularity: int = 8, min_sms: int = 8,
+               placed_sms: int | None = None) -> ProfileGrid:
     """A coarse grid (about a fifth of the points) that still covers what solve asks for."""
     every = sm_sizes(num_sms, granularity, min_sms)
     pick = {every[0], num_sms, *(s for s in every if s in (16, 24, 32, 48, 64, 96))}
     if len(pick) < 4:  # a small GPU: take every other size
         pick |= set(every[::2])
-    half = [s for s in sorted(pick) if 2 * s <= num_sms]
+    placed = placed_sms or num_sms - num_sms % granularity
     return ProfileGrid(
         sms=tuple(sorted(pick)),
         tokens=(64, 256, 1024, 2048, 4096),
@@ -101,8 +123,8 @@ def quick_grid(num_sms: int = 132, granularity: int = 8, min_sms: int = 8) -> Pr
         decode_contexts=(32, 256, 1024, 4096),
         prefill_tokens=(64, 256, 1024, 2048, 4096),
         prefill_contexts=(32, 256, 1024, 4096),
-        splits=tuple(half[-3:]),
-        interference_tokens=1024, interference_decode=(512, 1024), repeats=5)
+        splits=_splits(QUICK_SPLITS, every, placed),
+        interference_tokens=1024, interference_decode=(512, 1024), repeats=5, placed_sms=placed, corun_s=0.2)
 
 
 def profiled_ops(model: ModelConfig, tp: int = 1) -> tuple[str, ...]:
@@ -127,8 +149,8 @@ def op_points(model: ModelConfig, tp: int, grid: ProfileGrid) -> list[Point]:
 
 
 def split_pairs(grid: ProfileGrid) -> list[tuple[int, int]]:
-    """(small, large) complementary partitions: large is the remainder of all SMs."""
-    return [(s, grid.num_sms - s) for s in grid.splits]
+    """(memory SMs, compute SMs) of each co-run: complementary partitions of the placed SMs."""
+    return [(s, grid.placed_sms - s) for s in grid.splits]
 
 
 def interference_ops(model: ModelConfig, tp: int = 1) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -141,4 +163,4 @@ def interference_ops(model: ModelConfig, tp: int = 1) -> tuple[tuple[str, ...], 
 def grid_point_count(model: ModelConfig, tp: int, grid: ProfileGrid) -> tuple[int, int]:
     """(solo points, interference co-runs) for the progress bar."""
     comp, mem = interference_ops(model, tp)
-    return len(op_points(model, tp, grid)) * len(grid.sms), len(grid.splits) * 2 * len(comp) * len(mem)
+    return len(op_points(model, tp, grid)) * len(grid.sms), len(grid.splits) * len(comp) * len(mem)

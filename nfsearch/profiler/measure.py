@@ -130,7 +130,10 @@ class GpuTimer:
                 f"Model.run_op launches (N chosen for ~{self.target_us:g} us per replay, 1..{MAX_LAUNCHES}) "
                 f"rotating over {self.layers} layers' weights, after a warm-up replay; random bf16 "
                 f"weights, activations and KV pages (2 GiB pool per layer, random page tables); "
-                f"attn_prefill tokens are make_batch chunks of prompts of length `context`.")
+                f"attn_prefill tokens are make_batch chunks of prompts of length `context`. Interference: "
+                f"each op looped in its own CUDA graph (~3 ms), both replayed concurrently for "
+                f"{self.grid.corun_s:g} s on make_layout ranges compute [0, c), memory [top - m, top) "
+                f"after a warm-up co-run (power-capped steady state); solo timed the same way, same stream.")
 
     def ceilings(self) -> dict[str, float]:
         def median_ms(fn, reps: int = 10) -> float:
@@ -255,66 +258,9 @@ class GpuTimer:
             gc.collect()
             torch.cuda.empty_cache()
 
-    def _calibrated(self, stream, op: str, t: int, c: int,
-                    want_us: float) -> tuple[torch.cuda.CUDAGraph, float]:
-        fn = self._launcher(op, t, c)
-        g = self._capture(stream, fn, 1, shared_pool=False)
-        one = statistics.median(self._replays_us(g, stream, 3))
-        n = max(1, min(MAX_LAUNCHES, math.ceil(want_us / max(one, 1.0))))
-        if n > 1:
-            del g
-            g = self._capture(stream, fn, n, shared_pool=False)
-        return g, statistics.median(self._replays_us(g, stream, 3))
+    def corun(self, memory_sms: int, compute_sms: int, compute_ops: tuple[str, ...],
+              memory_ops: tuple[str, ...], tick: Tick) -> list[CoRun]:
+        """Sustained co-runs on complementary placed partitions (`nfsearch.profiler.corun`)."""
+        from nfsearch.profiler.corun import sustained_corun
 
-    def _fg_bg(self, fg, fs, fg_us: float, bg, bs, bg_us: float) -> float:
-        """Median co-run / solo time of graph `fg` on stream `fs` while `bg` loops on stream `bs`."""
-        k = math.ceil(2.0 * fg_us / bg_us) + 1  # bg outlasts fg even when fg slows down
-        solo, co = [], []
-        for _ in range(self.grid.repeats):
-            e = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-            with torch.cuda.stream(fs):
-                e[0].record(fs)
-                fg.replay()
-                e[1].record(fs)
-            fs.synchronize()
-            with torch.cuda.stream(bs):
-                for _ in range(k):
-                    bg.replay()
-            with torch.cuda.stream(fs):
-                e[2].record(fs)
-                fg.replay()
-                e[3].record(fs)
-            torch.cuda.synchronize(self.dev)
-            solo.append(e[0].elapsed_time(e[1]))
-            co.append(e[2].elapsed_time(e[3]))
-        return statistics.median(co) / statistics.median(solo)
-
-    def corun(self, small: int, large: int, compute_ops: tuple[str, ...], memory_ops: tuple[str, ...],
-              tick: Tick) -> list[CoRun]:
-        t = self.grid.interference_tokens
-        dreq, dctx = self.grid.interference_decode
-        point = {op: (t, t if op == "attn_prefill" else 0) for op in compute_ops}
-        point.update({op: ((dreq, dctx) if op == "attn_decode" else (t, 0)) for op in memory_ops})
-        parts = make_partitions([small, large], device=self.dev.index)
-        rows: list[CoRun] = []
-        try:
-            for comp_stream, mem_stream, cs, ms in ((parts[0].stream, parts[1].stream, small, large),
-                                                    (parts[1].stream, parts[0].stream, large, small)):
-                graphs = {op: self._calibrated(comp_stream if op in compute_ops else mem_stream, op,
-                                               *point[op], 1000.0)
-                          for op in compute_ops + memory_ops}
-                for c_op in compute_ops:
-                    g_c, c_us = graphs[c_op]
-                    for m_op in memory_ops:
-                        g_m, m_us = graphs[m_op]
-                        c_slow = self._fg_bg(g_c, comp_stream, c_us, g_m, mem_stream, m_us)
-                        m_slow = self._fg_bg(g_m, mem_stream, m_us, g_c, comp_stream, c_us)
-                        rows.append((c_op, m_op, cs, ms, c_slow, m_slow))
-                        tick(1)
-                del graphs
-        finally:
-            torch.cuda.synchronize(self.dev)
-            parts.close()
-            gc.collect()
-            torch.cuda.empty_cache()
-        return rows
+        return sustained_corun(self, memory_sms, compute_sms, compute_ops, memory_ops, tick)

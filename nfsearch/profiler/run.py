@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,8 +33,9 @@ from nfsearch.profiler.grid import (
 
 PARTIAL_FORMAT = "nfsearch-profile-partial"
 Tick = Callable[[int], None]
-# (compute op, memory op, compute SMs, memory SMs, compute slowdown, memory slowdown), unclamped
-CoRun = tuple[str, str, int, int, float, float]
+# (compute op, memory op, compute SMs, memory SMs, compute slowdown, memory slowdown, compute solo
+# us per op, memory solo us per op); slowdowns unclamped
+CoRun = tuple[str, str, int, int, float, float, float, float]
 
 
 class Timer(Protocol):
@@ -50,9 +50,10 @@ class Timer(Protocol):
     def solo(self, num_sms: int, points: list[Point], tick: Tick) -> list[float]:
         """Solo latency (us) of each point on a partition of `num_sms` SMs."""
 
-    def corun(self, small: int, large: int, compute_ops: tuple[str, ...], memory_ops: tuple[str, ...],
-              tick: Tick) -> list[CoRun]:
-        """Each compute op beside each memory op on complementary partitions, both assignments."""
+    def corun(self, memory_sms: int, compute_sms: int, compute_ops: tuple[str, ...],
+              memory_ops: tuple[str, ...], tick: Tick) -> list[CoRun]:
+        """Each compute op on SMs [0, compute_sms) beside each memory op on the top `memory_sms` placed
+        SMs, both sustained; one row per pair."""
 
     def describe(self) -> str:
         """One sentence on the method, for meta.notes."""
@@ -119,11 +120,11 @@ def run_profile(model: ModelConfig, tp: int, grid: ProfileGrid, timer: Timer, ou
             state["solo"][str(s)] = [[op, t, c, float(x)] for (op, t, c), x in zip(points, lat, strict=True)]
             _write_json_atomic(ppath, state)
         comp, mem = interference_ops(model, tp)
-        for small, large in split_pairs(grid):
-            if str(small) in state["interference"]:
+        for msms, csms in split_pairs(grid):
+            if str(msms) in state["interference"]:
                 continue
-            rows = timer.corun(small, large, comp, mem, tick)
-            state["interference"][str(small)] = [list(r) for r in rows]
+            rows = timer.corun(msms, csms, comp, mem, tick)
+            state["interference"][str(msms)] = [list(r) for r in rows]
             _write_json_atomic(ppath, state)
     finally:
         if bar is not None:
@@ -136,22 +137,33 @@ def run_profile(model: ModelConfig, tp: int, grid: ProfileGrid, timer: Timer, ou
 
 
 def aggregate_interference(rows: list[CoRun], sm_grid: tuple[int, ...]) -> tuple[list[list[Any]], str]:
-    """Median slowdown over op pairs per (kind, other_kind, num_sms), clamped at 1.0, edges filled.
+    """Slowdown per (kind, other_kind, num_sms), clamped at 1.0, edges filled.
 
-    The pair's SM axis is extended to the ends of the latency SM grid by copying the nearest
-    measured value (a lookup outside a pair's range would raise, and no co-runner fits beside an
-    op on (nearly) all SMs). Returns the table rows and a sentence for meta.notes.
+    Compute on c SMs: the solo-latency-weighted mean over the compute ops co-run there, i.e.
+    sum(co-run time) / sum(solo time) of the layer's GEMMs at the profiled tokens: the slowdown of
+    the GEMM chain that an overlapped stretch of compute nano-ops runs (a max would charge every
+    compute nano-op the worst small GEMM's factor). Memory on m SMs: the max over its co-runs (the
+    partner that hurts decode attention most). Each split is complementary (c + m = the placed SMs),
+    the partner size the schedules use. The SM axis is extended to the latency grid's ends by
+    copying the nearest measured value (a lookup outside a pair's range would raise). Returns the
+    table rows and a sentence for meta.notes.
     """
-    by: dict[tuple[str, str, int], list[float]] = {}
-    for _c, _m, cs, ms, cslow, mslow in rows:
-        by.setdefault(("compute", "memory", int(cs)), []).append(float(cslow))
-        by.setdefault(("memory", "compute", int(ms)), []).append(float(mslow))
-    raw = [x for v in by.values() for x in v]
+    comp: dict[int, list[tuple[float, float]]] = {}
+    mem: dict[int, list[float]] = {}
+    for r in rows:
+        _c, _m, cs, ms, cslow, mslow = r[:6]
+        c_us = float(r[6]) if len(r) > 6 else 1.0
+        comp.setdefault(int(cs), []).append((float(cslow), c_us))
+        mem.setdefault(int(ms), []).append(float(mslow))
+    raw = [x for v in comp.values() for x, _ in v] + [x for v in mem.values() for x in v]
     clamped = sum(1 for x in raw if x < 1.0)
+    agg = {("compute", "memory"): {s: sum(x * w for x, w in v) / sum(w for _, w in v)
+                                   for s, v in comp.items()},
+           ("memory", "compute"): {s: max(v) for s, v in mem.items()}}
     table: list[list[Any]] = []
     filled: set[int] = set()
-    for pair in (("compute", "memory"), ("memory", "compute")):
-        pts = sorted((s, max(1.0, statistics.median(v))) for (k, o, s), v in by.items() if (k, o) == pair)
+    for pair, by in agg.items():
+        pts = sorted((s, max(1.0, x)) for s, x in by.items())
         if not pts:
             continue
         if pts[0][0] > sm_grid[0]:
@@ -161,14 +173,19 @@ def aggregate_interference(rows: list[CoRun], sm_grid: tuple[int, ...]) -> tuple
             filled.add(sm_grid[-1])
             pts.append((sm_grid[-1], pts[-1][1]))
         table += [[pair[0], pair[1], s, x] for s, x in pts]
-    note = (f"interference: median over {len({(r[0], r[1]) for r in rows})} (compute op, memory op) pairs "
-            f"of co-run / solo latency on the same partition; {clamped} of {len(raw)} raw ratios were "
-            f"below 1.0 (timing noise, or a co-runner that finished early) and are clamped to 1.0")
+    note = (f"interference: sustained co-runs of {len({r[0] for r in rows})} compute ops beside "
+            f"{', '.join(sorted({r[1] for r in rows}))} on complementary placed partitions; compute = "
+            f"solo-latency-weighted mean over ops of co-run / solo time per op on the same partition, "
+            f"memory = max over ops; {clamped} of {len(raw)} raw ratios were below 1.0 and are clamped")
     if raw:
         note += f"; raw range {min(raw):.3f}..{max(raw):.3f}"
     if filled:
         where = ", ".join(map(str, sorted(filled)))
         note += f"; values at {where} SMs copied from the nearest measured split"
+    per_op = "; ".join(f"{r[0]}@{int(r[2])} {float(r[4]):.2f} / {r[1]}@{int(r[3])} {float(r[5]):.2f}"
+                       for r in sorted(rows, key=lambda r: (int(r[3]), str(r[0]))))
+    if per_op:
+        note += f"; raw per pair (compute@SMs slowdown / memory@SMs slowdown): {per_op}"
     return table, note
 
 

@@ -1,0 +1,143 @@
+"""Sustained interference co-runs: the slowdown a schedule's overlapped nano-ops actually see.
+
+A replayed schedule overlaps long stretches of GEMMs with decode attention and runs the GPU at its
+power limit, where the SM clock drops 5-8% (benchmarks/RESULTS.md, 09:0x UTC). One-millisecond
+co-run bursts at boost clock miss both. So each point here places the two ops exactly as the engine
+does (`nfrt.partition.make_layout`: compute on SM slots [0, c), memory on [top - m, top), `top` the
+placed SMs, 120 of 132 on an H200), captures each op looped in its own CUDA graph (a few ms per
+replay), replays both graphs concurrently for `seconds`, and times every replay with events. Only
+replays that run entirely while both sides run, after the first quarter (clock settling), count.
+Solo times are taken the same way, one graph alone on the same stream; slowdown = co-run / solo.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from nfrt.partition import make_layout
+
+from nfsearch.errors import NfsearchError
+
+LOOP_US = 3000.0  # target replay length of each looped graph
+MAX_LOOP = 512
+
+
+def _looped(timer: Any, stream: torch.cuda.Stream, op: str, tokens: int, context: int):
+    """(graph, launches per replay) of `op` looped for about LOOP_US on `stream` (private pool)."""
+    fn = timer._launcher(op, tokens, context)
+    g1 = timer._capture(stream, fn, 1, shared_pool=False)
+    one = statistics.median(timer._replays_us(g1, stream, 5))
+    del g1
+    n = max(1, min(MAX_LOOP, math.ceil(LOOP_US / max(one, 1.0))))
+    return timer._capture(stream, fn, n, shared_pool=False), n
+
+
+def _issue(g: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, ev: torch.cuda.Event) -> None:
+    with torch.cuda.stream(stream):
+        g.replay()
+        ev.record(stream)
+
+
+def solo_us(g: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, seconds: float) -> float:
+    """Median replay time (us) of `g` alone, sustained for about `seconds`, first quarter dropped."""
+    probe = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    probe[0].record(stream)
+    _issue(g, stream, probe[1])
+    stream.synchronize()
+    k = max(8, math.ceil(seconds * 1e3 / max(probe[0].elapsed_time(probe[1]), 1e-3)))
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(k + 1)]
+    ev[0].record(stream)
+    for i in range(k):
+        _issue(g, stream, ev[i + 1])
+    stream.synchronize()
+    d = [ev[i].elapsed_time(ev[i + 1]) * 1e3 for i in range(k)]
+    return statistics.median(d[k // 4:])
+
+
+def corun_us(ga: torch.cuda.CUDAGraph, sa: torch.cuda.Stream, a_us: float,
+             gb: torch.cuda.CUDAGraph, sb: torch.cuda.Stream, b_us: float,
+             seconds: float) -> tuple[float, float]:
+    """Median replay times (us) of graphs a and b replayed concurrently for about `seconds`.
+
+    Replays are issued in order of their solo start times so neither queue runs far ahead; a replay
+    counts when it starts after the first quarter of the common window and ends before either side
+    runs out of work."""
+    ka, kb = (max(8, math.ceil(seconds * 1e6 / x)) for x in (a_us, b_us))
+    ea = [torch.cuda.Event(enable_timing=True) for _ in range(ka + 1)]
+    eb = [torch.cuda.Event(enable_timing=True) for _ in range(kb + 1)]
+    ea[0].record(sa)
+    eb[0].record(sb)
+    i = j = 0
+    while i < ka or j < kb:
+        if j >= kb or (i < ka and i * a_us <= j * b_us):
+            _issue(ga, sa, ea[i + 1])
+            i += 1
+        else:
+            _issue(gb, sb, eb[j + 1])
+            j += 1
+    torch.cuda.synchronize()
+    ref = ea[0]
+    ta = [ref.elapsed_time(e) for e in ea]  # ms from a's first record
+    tb = [ref.elapsed_time(e) for e in eb]
+    begin = max(ta[0], tb[0])
+    end = min(ta[-1], tb[-1])
+    skip = begin + (end - begin) / 4
+
+    def kept(t: list[float]) -> list[float]:
+        d = [(t[k + 1] - t[k]) * 1e3 for k in range(len(t) - 1) if t[k] >= skip and t[k + 1] <= end]
+        if len(d) < 3:  # a window too short to drop the warm-up: every replay inside the overlap
+            d = [(t[k + 1] - t[k]) * 1e3 for k in range(len(t) - 1) if t[k + 1] <= end]
+        if not d:
+            raise NfsearchError("interference co-run: the two sides did not overlap; raise corun_s")
+        return d
+
+    return statistics.median(kept(ta)), statistics.median(kept(tb))
+
+
+def sustained_corun(timer: Any, memory_sms: int, compute_sms: int, compute_ops: tuple[str, ...],
+                    memory_ops: tuple[str, ...], tick: Callable[[int], None]) -> list[tuple]:
+    """Rows (compute op, memory op, compute SMs, memory SMs, compute slowdown, memory slowdown,
+    compute solo us per op, memory solo us per op) for every pair, on one placed split."""
+    grid = timer.grid
+    seconds = grid.corun_s
+    t = grid.interference_tokens
+    dreq, dctx = grid.interference_decode
+    layout = make_layout(device=timer.dev.index or 0)
+    rows: list[tuple] = []
+    try:
+        top = layout.aligned
+        if compute_sms + memory_sms > top:
+            raise NfsearchError(f"interference split {compute_sms} + {memory_sms} SMs exceeds the "
+                                f"{top} placed SMs of this GPU's layout")
+        cs = layout.stream(0, compute_sms)
+        ms = layout.stream(top - memory_sms, memory_sms)
+        mem = {}
+        for op in memory_ops:
+            ctx = (dreq, dctx) if op == "attn_decode" else (t, 0)
+            g, n = _looped(timer, ms, op, *ctx)
+            mem[op] = (g, n, solo_us(g, ms, seconds / 2))
+        warmed = False
+        for c_op in compute_ops:
+            gc_, nc = _looped(timer, cs, c_op, t, t if c_op == "attn_prefill" else 0)
+            c_solo = solo_us(gc_, cs, seconds / 2)
+            for m_op, (gm, nm, m_solo) in mem.items():
+                if not warmed:  # reach the power-capped steady state before the first timed co-run
+                    corun_us(gc_, cs, c_solo, gm, ms, m_solo, max(0.5, seconds))
+                    warmed = True
+                c_co, m_co = corun_us(gc_, cs, c_solo, gm, ms, m_solo, seconds)
+                rows.append((c_op, m_op, compute_sms, memory_sms, c_co / c_solo, m_co / m_solo,
+                             c_solo / nc, m_solo / nm))
+                tick(1)
+            del gc_
+        del mem
+    finally:
+        torch.cuda.synchronize(timer.dev)
+        layout.close()
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
