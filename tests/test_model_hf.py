@@ -1,4 +1,5 @@
-"""The runtime's model equals Hugging Face transformers on tiny Llama and Mixtral checkpoints.
+"""The runtime's model equals Hugging Face transformers on tiny Llama, Mistral, Qwen2 and Mixtral
+checkpoints.
 
 A dense batch of prompts of different lengths (one of them chunked over two batches) runs as
 prefill, then every finished prompt takes one decode step in a mixed batch. Logits at every
@@ -6,6 +7,9 @@ position and the paged KV cache must match transformers' forward and past_key_va
 """
 
 from __future__ import annotations
+
+import json
+from dataclasses import replace
 
 import pytest
 
@@ -16,7 +20,7 @@ from nfrt.batch import Batch, BatchBuffers, BatchShape, DecodeRequest, PrefillCh
 from nfrt.errors import NfrtError  # noqa: E402
 from nfrt.kvcache import KVCache  # noqa: E402
 from nfrt.model import Model  # noqa: E402
-from nfrt.weights import load_hf_weights, random_weights  # noqa: E402
+from nfrt.weights import load_hf_weights, random_weights, save_hf_checkpoint  # noqa: E402
 
 PROMPTS = (5, 17, 33)  # whole prompts in batch 1, then one decode step each in batch 2
 CHUNKED = (24, 16)  # a fourth prompt, prefilled in two chunks (batch 1, batch 2)
@@ -37,6 +41,33 @@ def hf_keys_values(cache, layer: int):
     return cache[layer][0], cache[layer][1]
 
 
+def checkpoint(name: str, tiny_checkpoint, tmp_path):
+    """A saved HF folder: the shared tiny Llama/Mixtral ones, or a Qwen2 (q/k/v biases, its own
+    norm eps and rope theta) or a Mistral (Llama weights under MistralForCausalLM) made here."""
+    if name in ("tiny-llama", "tiny-mixtral"):
+        return tiny_checkpoint(name, seed=3)
+    from conftest import tiny_config
+
+    folder = tmp_path / name
+    if name == "tiny-qwen2":
+        config = replace(tiny_config("tiny-llama"), name=name, qkv_bias=True, rms_norm_eps=1e-6,
+                         rope_theta=1e6)
+        w = random_weights(config, seed=3)
+        gen = torch.Generator().manual_seed(5)
+        for key in [k for k in w if k.endswith("qkv_bias")]:  # biases that change the result
+            w[key] = 0.2 * torch.randn(w[key].shape, generator=gen)
+        save_hf_checkpoint(config, w, folder)
+        return folder
+    config = replace(tiny_config("tiny-llama"), name=name)
+    save_hf_checkpoint(config, random_weights(config, seed=3), folder)
+    d = json.loads((folder / "config.json").read_text())
+    for key in ("attention_bias", "mlp_bias"):
+        d.pop(key, None)
+    d.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None)
+    (folder / "config.json").write_text(json.dumps(d))
+    return folder
+
+
 def run_batch(model: Model, batch: Batch) -> torch.Tensor:
     buffers = BatchBuffers(BatchShape.of(batch), model.device)
     buffers.prepare(batch, model.kv.allocator)
@@ -44,13 +75,14 @@ def run_batch(model: Model, batch: Batch) -> torch.Tensor:
     return model.forward_sequential().clone()
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])
-def test_matches_transformers(name, tiny_checkpoint):
-    folder = tiny_checkpoint(name, seed=3)
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-mixtral"])
+def test_matches_transformers(name, tiny_checkpoint, tmp_path):
+    folder = checkpoint(name, tiny_checkpoint, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                            attn_implementation="eager").eval()
     config, weights = load_hf_weights(folder, "cpu", torch.float32)
     assert config.num_experts == (4 if name == "tiny-mixtral" else 0)
+    assert config.qkv_bias == (name == "tiny-qwen2")
     model = Model(config, weights, max_tokens=128, kv_cache=KVCache.for_model(config, num_pages=32))
 
     gen = torch.Generator().manual_seed(11)
