@@ -10,7 +10,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import nfrt.schedule as sched
 import pytest
 import yaml
 from nfrt.config import BatchComposition, ModelConfig
@@ -210,7 +209,7 @@ def test_atomic_save_leaves_old_file_intact(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(sched.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(ScheduleError, match="cannot write schedule .*No space left"):
         save_schedule(s, path)
     assert path.read_text() == "old contents\n"
