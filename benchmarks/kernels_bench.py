@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import traceback
 
@@ -28,6 +27,8 @@ from nfrt.kernels import triton_attention as ta
 from nfrt.kernels import triton_norm as tn
 from nfrt.partition import make_partitions
 from nfrt.probe import sm_ids
+
+from nfsearch.bench_measure import driver_version
 
 do_bench = triton.testing.do_bench
 
@@ -67,8 +68,7 @@ def section(name):
 
 def info() -> None:
     p = torch.cuda.get_device_properties(0)
-    drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.strip()
+    drv = driver_version(0)
     try:
         import cuda.bindings
         cb = cuda.bindings.__version__
@@ -351,6 +351,10 @@ def rows() -> None:
                                                    for k_, v_ in res.items()))
 
 
+def _p48_p32(r: dict) -> str:
+    return f"P(48) {r.get('P48', 0):.2f}, P(32) {r.get('P32', 0):.2f}"
+
+
 def markdown() -> str:
     i = R.get("info", {})
     d = R.get("decode", {})
@@ -372,17 +376,16 @@ def markdown() -> str:
                              f"all-SM config: "
                              f"{d[f'P{n}_same_config'] or 0:.2f}) | >= {bar} |")
     if "stream_read" in R:
-        sr = R["stream_read"]
-        lines.append(f"| plain Triton streaming read (ceiling for P) | {sr['all']:.0f} GB/s; P(48) "
-                     f"{sr.get('P48', 0):.2f}, P(32) {sr.get('P32', 0):.2f} | |")
+        lines.append(f"| plain Triton streaming read (ceiling for P) | {R['stream_read']['all']:.0f} GB/s; "
+                     f"{_p48_p32(R['stream_read'])} | |")
     if "split" in R:
         sp = R["split"]
         lines.append("| decode 32 x 4096 (split-KV), GB/s without -> with splits | " + "; ".join(
             f"{k}: {v['no_split_gbps']:.0f} -> {v['auto_split_gbps']:.0f}" for k, v in sp.items()
             if k != "rel_err") + " | |")
     if "sdpa" in R:
-        lines.append(f"| torch SDPA decode (dense), for comparison | {R['sdpa']['ms']:.3f} ms; P(48) "
-                     f"{R['sdpa'].get('P48', 0):.2f}, P(32) {R['sdpa'].get('P32', 0):.2f} | |")
+        lines.append(f"| torch SDPA decode (dense), for comparison | {R['sdpa']['ms']:.3f} ms; "
+                     f"{_p48_p32(R['sdpa'])} | |")
     for n in (64, 84, 100):
         if f"N{n}" in g:
             lines.append(f"| GEMM 2048x4096x28672 on {n} SMs | {g[f'N{n}']['speed_fraction']:.3f} of full = "

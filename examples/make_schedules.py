@@ -33,8 +33,8 @@ def normalised(text: str) -> str:
     return _SOLVE_TIME.sub(r"\1 <ignored>", text)
 
 
-def smallest_tp(model: str, gpu: str) -> int:
-    return workload.smallest_tp(resolve_model(model), parse_workload(WORKLOAD), resolve_gpu(gpu),
+def smallest_tp(model: str, gpu: str, load: str = WORKLOAD) -> int:
+    return workload.smallest_tp(resolve_model(model), parse_workload(load), resolve_gpu(gpu),
                                 round_to=SolveConfig.granularity_tokens)
 
 
@@ -45,7 +45,7 @@ EXTRA = (("llama3-8b", "const:1024:512"),)
 def configs() -> list[SolveConfig]:
     out = [SolveConfig(model=m.name, gpu=g, workload=WORKLOAD, tp=smallest_tp(m.name, g))
            for g in GPUS for m in builtin_models() if not m.name.startswith("tiny")]
-    out += [SolveConfig(model=m, gpu=g, workload=w, tp=smallest_tp(m, g)) for g in GPUS for m, w in EXTRA]
+    out += [SolveConfig(model=m, gpu=g, workload=w, tp=smallest_tp(m, g, w)) for g in GPUS for m, w in EXTRA]
     return out
 
 

@@ -23,7 +23,7 @@ def measure(cfg: BenchConfig, schedule: Schedule) -> dict[str, Any]:
     date = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     dev = torch.device("cuda", torch.cuda.current_device())
     env = _environment(dev)
-    peak_tflops, copy_gbps = _ceilings(dev)
+    peak_tflops, copy_gbps = ceilings(dev)
     engine = Engine.from_schedule(schedule, device=dev, seed=cfg.seed, use_partitions=cfg.partitions)
     twin = engine.sequential_twin()
     try:
@@ -50,8 +50,20 @@ def measure(cfg: BenchConfig, schedule: Schedule) -> dict[str, Any]:
             "timeline": timeline}
 
 
-def _environment(dev) -> dict[str, Any]:
+def driver_version(index: int | None = None) -> str | None:
+    """The NVIDIA driver version (of GPU `index`) from nvidia-smi; None when it cannot tell."""
     import subprocess
+
+    cmd = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+    if index is not None:
+        cmd.append(f"--id={index}")
+    with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout
+        return out.strip().splitlines()[0] or None
+    return None
+
+
+def _environment(dev) -> dict[str, Any]:
     from importlib import metadata
 
     import torch
@@ -59,11 +71,6 @@ def _environment(dev) -> dict[str, Any]:
     from nfsearch.gpus import gpu_slug_for_device_name
 
     props = torch.cuda.get_device_properties(dev)
-    driver = None
-    with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader",
-                              f"--id={dev.index}"], capture_output=True, text=True, timeout=20).stdout
-        driver = out.strip().splitlines()[0] or None
     versions = {}
     for pkg in ("triton", "cuda-bindings"):
         try:
@@ -72,8 +79,8 @@ def _environment(dev) -> dict[str, Any]:
             versions[pkg.replace("-", "_")] = None
     return {"gpu_name": props.name, "gpu_slug": gpu_slug_for_device_name(props.name),
             "num_sms": props.multi_processor_count, "memory_gib": props.total_memory / 2**30,
-            "driver": driver, "cuda": torch.version.cuda, "torch": torch.__version__, **versions,
-            "python": sys.version.split()[0]}
+            "driver": driver_version(dev.index), "cuda": torch.version.cuda, "torch": torch.__version__,
+            **versions, "python": sys.version.split()[0]}
 
 
 def _event_median_us(fn, warmup: int, reps: int) -> float:
@@ -91,8 +98,9 @@ def _event_median_us(fn, warmup: int, reps: int) -> float:
     return statistics.median(s.elapsed_time(e) * 1e3 for s, e in times)
 
 
-def _ceilings(dev) -> tuple[float, float]:
-    """(bf16 GEMM TFLOP/s of an 8192^3 torch.matmul, 1 GiB copy_ GB/s counting read + write); medians."""
+def ceilings(dev) -> tuple[float, float]:
+    """(bf16 GEMM TFLOP/s of an 8192^3 torch.matmul, 1 GiB copy_ GB/s counting read + write); medians.
+    `nfsearch profile` measures its ceilings here too, so a profile and a bench agree on them."""
     import torch
 
     peak, copy = _gemm_tflops(dev), _copy_gbps(dev)

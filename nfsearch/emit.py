@@ -18,6 +18,7 @@ from nfrt.schedule import Dependency, Partition
 
 from nfsearch.errors import NfsearchError
 from nfsearch.search.problem import SearchProblem, Solution
+from nfsearch.search.timeline import waits_for
 
 Node = tuple[int, str]  # (layer 0 or 1, nano-op name)
 
@@ -58,23 +59,15 @@ def _layout(sol: Solution, num_sms: int, top: int) -> tuple[dict[str, str], dict
     return stream_of, parts
 
 
-def _data_edges(problem: SearchProblem, sol: Solution, decode_granules: int) -> list[tuple[str, str, bool]]:
+def _data_edges(problem: SearchProblem, sol: Solution) -> list[tuple[str, str, bool]]:
     """(before, after, prev_layer) for every dependency the layer graph implies between nano-ops."""
     by_op: dict[str, list] = {}
     for n in sol.nano_ops:
         by_op.setdefault(n.op, []).append(n)
-    class_start = {"decode": 0, "prefill": decode_granules, "all": 0}
-    edges = []
-    for op in problem.ops:
-        for after in by_op.get(op.name, []):
-            a0, a1 = after.granules
-            for dep in op.deps:
-                lo = class_start[op.token_class] if dep.scope == "prefix" else a0
-                for before in by_op.get(dep.op, []):
-                    b0, b1 = before.granules
-                    if b0 < a1 and lo < b1:
-                        edges.append((before.name, after.name, dep.prev_layer))
-    return edges
+    return [(before.name, after.name, dep.prev_layer)
+            for op in problem.ops for after in by_op.get(op.name, []) for dep in op.deps
+            for before in by_op.get(dep.op, [])
+            if waits_for(problem, op, dep, after.granules, before.granules)]
 
 
 class _Order:
@@ -123,7 +116,7 @@ def place(problem: SearchProblem, sol: Solution) -> Placement:
             need(x, y, False)
         if names:
             need(names[-1], names[0], True)
-    for before, after, prev in _data_edges(problem, sol, problem.decode_granules):
+    for before, after, prev in _data_edges(problem, sol):
         need(before, after, prev)
     # nano-ops on overlapping SM ranges must never run together: order them as predicted
     period = sol.period_us

@@ -35,7 +35,7 @@ from nfsearch.gpus import GpuSpec, gpu_slug_for_device_name, partition_sizes, re
 from nfsearch.models import resolve_model
 from nfsearch.opgraph import groups, layer_ops, op_tokens, tail_ops
 from nfsearch.profile import Profile, default_profile_for, load_profile, shipped_profile_path
-from nfsearch.search.problem import Dep, SearchProblem, Solution, StageOp
+from nfsearch.search.problem import KINDS, Dep, SearchProblem, Solution, StageOp
 from nfsearch.workload import Composition, compose_batch, parse_workload
 
 DEFAULT_GPU = "h200"
@@ -105,7 +105,8 @@ def build_problem(model: ModelConfig, batch: BatchComposition, profile: Profile,
         raise NfsearchError(f"dense batch {batch.dense_batch} and decode tokens {batch.decode_tokens} "
                             f"must be multiples of the {g}-token granule")
     num_granules = batch.dense_batch // g
-    sms = tuple(s for s in partition_sizes(gpu) if s in set(profile.sm_grid()) or s == gpu.num_sms)
+    profiled = set(profile.sm_grid())
+    sms = tuple(s for s in partition_sizes(gpu) if s in profiled or s == gpu.num_sms)
     specs = {op.name: op for op in layer_ops(model, tp)}
     stage_ops = []
     for name, grp in groups(model, tp).items():
@@ -122,11 +123,8 @@ def build_problem(model: ModelConfig, batch: BatchComposition, profile: Profile,
         deps = tuple(Dep(op=p, scope=scope, prev_layer=prev) for p, scope, prev in grp.deps)
         stage_ops.append(StageOp(name=name, kind=grp.kind, token_class=grp.token_class,
                                  graph_ops=tuple(grp.ops), deps=deps, latency_us=rows))
-    interference = {}
-    for kind in ("compute", "memory", "network"):
-        for other in ("compute", "memory", "network"):
-            if kind != other:
-                interference[(kind, other)] = tuple(profile.slowdown(kind, other, s) for s in sms)
+    interference = {(kind, other): tuple(profile.slowdown(kind, other, s) for s in sms)
+                    for kind in KINDS for other in KINDS if kind != other}
     tail_us = 0.0
     for op in tail_ops(model, tp):
         tokens, context = op_tokens(op, batch)

@@ -72,7 +72,7 @@ def analytic_profile(model: ModelConfig, gpu: GpuSpec, tp: int = 1, max_tokens: 
     s_sat = hbm_saturation_sms(gpu.num_sms)
     inv_c = gpu.num_sms / sms  # 1 / c(s)
     inv_m = np.maximum(1.0, s_sat / sms)  # 1 / m(s)
-    peak, hbm, net = gpu.peak_tflops * 1e12, gpu.hbm_gbps * 1e9, gpu.nvlink_gbps * 1e9
+    peak, hbm, net = gpu.peak_flops, gpu.hbm_bytes_per_s, gpu.nvlink_bytes_per_s
 
     cols: dict[str, list] = {c: [] for c in LATENCY_COLUMNS}
     ops = {op.name: op for op in (*layer_ops(model, tp), *tail_ops(model, tp))}

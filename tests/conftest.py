@@ -15,6 +15,24 @@ _FALLBACK = {
 }
 
 
+def close(ours, ref, rel: float = 1e-4) -> None:
+    """Same shape, finite, and max abs error within `rel` of the reference's magnitude (torch tensors)."""
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    assert ours.isfinite().all()
+    err = (ours.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item()
+    assert err <= rel * scale, f"max error {err} vs scale {scale}"
+
+
+def has_cuda_bindings() -> bool:
+    """Whether NVIDIA's cuda-bindings (green contexts) import."""
+    try:
+        from cuda.bindings import driver  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def tiny_config(name: str) -> ModelConfig:
     """The tiny model `name` from nfsearch.models when it defines it, else the fallback shapes."""
     try:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import has_cuda_bindings  # noqa: E402
 from nfrt.config import BatchComposition  # noqa: E402
 from nfrt.schedule import save_schedule  # noqa: E402
 from schedules_util import nano_schedule  # noqa: E402
@@ -17,10 +17,6 @@ from nfsearch.cli import main  # noqa: E402
 from nfsearch.models import resolve_model  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-HAS_BINDINGS = (importlib.util.find_spec("cuda") is not None
-                and importlib.util.find_spec("cuda.bindings") is not None)
-
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])
 def test_bench_tiny_schedule(name, tmp_path, capsys):
@@ -31,7 +27,7 @@ def test_bench_tiny_schedule(name, tmp_path, capsys):
     out = tmp_path / "runs"
     argv = ["bench", "--schedule", str(path), "--iters", "4", "--warmup", "1", "--out", str(out), "--json",
             "--breakdown", "--layers", "1" if name == "tiny-mixtral" else "2"]
-    if not HAS_BINDINGS:
+    if not has_cuda_bindings():
         argv.append("--no-partitions")
     assert main(argv) == 0, capsys.readouterr().err
     rec = json.loads(capsys.readouterr().out)

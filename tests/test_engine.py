@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import close  # noqa: E402
 from nfrt.batch import Batch, DecodeRequest, PrefillChunk  # noqa: E402
 from nfrt.config import BatchComposition  # noqa: E402
 from nfrt.engine import Engine  # noqa: E402
@@ -21,12 +22,6 @@ from schedules_util import nano_schedule  # noqa: E402
 DATA = Path(__file__).parent / "data"
 PROMPTS = (6, 19, 30, 11)  # batch 1 prefills these; batch 2 decodes one token each
 CHUNK = 13  # batch 2 also prefills a fifth prompt of this length
-
-
-def close(ours, ref, rel=1e-4):
-    assert ours.shape == ref.shape and torch.isfinite(ours).all()
-    err = (ours.float() - ref.float()).abs().max().item()
-    assert err <= rel * ref.abs().max().item(), f"max error {err}"
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])

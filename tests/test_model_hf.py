@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import close  # noqa: E402
 from nfrt.batch import Batch, BatchBuffers, BatchShape, DecodeRequest, PrefillChunk  # noqa: E402
 from nfrt.errors import NfrtError  # noqa: E402
 from nfrt.kvcache import KVCache  # noqa: E402
@@ -24,14 +25,6 @@ from nfrt.weights import load_hf_weights, random_weights, save_hf_checkpoint  # 
 
 PROMPTS = (5, 17, 33)  # whole prompts in batch 1, then one decode step each in batch 2
 CHUNKED = (24, 16)  # a fourth prompt, prefilled in two chunks (batch 1, batch 2)
-
-
-def close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
-    """Max abs error within `rel` of the reference's magnitude (float32 agreement)."""
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    assert torch.isfinite(ours).all()
-    err = (ours.float() - ref.float()).abs().max().item()
-    assert err <= rel * ref.abs().max().item(), f"max error {err} vs scale {ref.abs().max().item()}"
 
 
 def hf_keys_values(cache, layer: int):

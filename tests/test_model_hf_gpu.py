@@ -20,6 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import close  # noqa: E402
 from nfrt.batch import Batch, BatchBuffers, BatchShape, DecodeRequest, PrefillChunk  # noqa: E402
 from nfrt.kvcache import KVCache  # noqa: E402
 from nfrt.model import Model  # noqa: E402
@@ -31,13 +32,6 @@ PROMPTS = (7, 19, 40)
 CHUNKED = (24, 21)
 RTOL = {torch.bfloat16: 3e-2, torch.float32: 1e-3}  # against a float32 reference
 CASES = [("tiny-llama", torch.bfloat16), ("tiny-mixtral", torch.float32)]
-
-
-def close(ours: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    assert torch.isfinite(ours).all()
-    err = (ours.float() - ref.float()).abs().max().item()
-    assert err <= rtol * ref.abs().max().item(), f"max error {err} vs scale {ref.abs().max().item()}"
 
 
 def run_batch(model: Model, batch: Batch) -> torch.Tensor:

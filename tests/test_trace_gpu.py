@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import tiny_config  # noqa: E402
+from conftest import has_cuda_bindings, tiny_config  # noqa: E402
 from nfrt.config import BatchComposition  # noqa: E402
 from nfrt.engine import Engine  # noqa: E402
 from nfrt.schedule import load_schedule  # noqa: E402
@@ -18,14 +18,6 @@ from schedules_util import nano_schedule  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 DATA = Path(__file__).parent / "data"
-
-
-def _has_bindings() -> bool:
-    try:
-        from cuda.bindings import driver  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def test_stamp_kernel_measures_device_time():
@@ -38,7 +30,7 @@ def test_stamp_kernel_measures_device_time():
 
 
 @pytest.mark.parametrize("partitions", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not _has_bindings(), reason="needs cuda-bindings"))])
+    not has_cuda_bindings(), reason="needs cuda-bindings"))])
 def test_traced_graph_replay(partitions):
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     if partitions:  # disjoint partitions that any GPU's SM split can make

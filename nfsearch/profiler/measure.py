@@ -16,7 +16,6 @@ import datetime as _dt
 import gc
 import math
 import statistics
-import subprocess
 from dataclasses import replace
 from typing import Any
 
@@ -30,6 +29,7 @@ from nfrt.model import Model
 from nfrt.partition import make_partitions
 from nfrt.weights import random_weights
 
+from nfsearch.bench_measure import ceilings, driver_version
 from nfsearch.errors import NfsearchError
 from nfsearch.profiler.grid import Point, ProfileGrid
 from nfsearch.profiler.run import CoRun, Tick
@@ -59,15 +59,6 @@ class AliasAllocator:
 
     def slot(self, seq_id: int, position: int) -> int:
         return self._pages[seq_id][position // self.page_size] * self.page_size + position % self.page_size
-
-
-def _driver_version() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=False).stdout
-        return out.strip().splitlines()[0] if out.strip() else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 class GpuTimer:
@@ -121,8 +112,8 @@ class GpuTimer:
         import triton
 
         return {"gpu_name": torch.cuda.get_device_name(self.dev), "num_sms": self.props.multi_processor_count,
-                "driver": _driver_version(), "cuda": torch.version.cuda or "", "torch": torch.__version__,
-                "triton": triton.__version__,
+                "driver": driver_version(self.dev.index) or "", "cuda": torch.version.cuda or "",
+                "torch": torch.__version__, "triton": triton.__version__,
                 "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
     def describe(self) -> str:
@@ -136,27 +127,8 @@ class GpuTimer:
                 f"after a warm-up co-run (power-capped steady state); solo timed the same way, same stream.")
 
     def ceilings(self) -> dict[str, float]:
-        def median_ms(fn, reps: int = 10) -> float:
-            for _ in range(3):
-                fn()
-            ev = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
-            ev[0].record()
-            for i in range(reps):
-                fn()
-                ev[i + 1].record()
-            torch.cuda.synchronize()
-            return statistics.median(ev[i].elapsed_time(ev[i + 1]) for i in range(reps))
-
-        n = 8192
-        ab = torch.randn(2, n, n, device=self.dev, dtype=torch.bfloat16)
-        out = torch.empty(n, n, device=self.dev, dtype=torch.bfloat16)
-        gemm_ms = median_ms(lambda: torch.mm(ab[0], ab[1], out=out))
-        bufs = torch.randn(2, 1 << 29, device=self.dev, dtype=torch.bfloat16)  # 2 x 1 GiB
-        copy_ms = median_ms(lambda: bufs[1].copy_(bufs[0]))
-        ab = out = bufs = None
-        torch.cuda.empty_cache()
-        return {"peak_tflops": 2 * n**3 / (gemm_ms * 1e-3) / 1e12,
-                "hbm_gbps": 2 * (1 << 30) / (copy_ms * 1e-3) / 1e9}
+        peak_tflops, hbm_gbps = ceilings(self.dev)
+        return {"peak_tflops": peak_tflops, "hbm_gbps": hbm_gbps}  # the same GEMM and copy as bench
 
     # ---- batches and launchers -----------------------------------------------------------
     def _bind(self, kind: str, context: int) -> BatchBuffers:

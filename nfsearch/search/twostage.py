@@ -152,16 +152,12 @@ def solve(problem: SearchProblem) -> Solution:
     # Each sub-solve gets a fixed share of the limit in deterministic time, so the same problem
     # gives the same schedule on any machine (wall-clock shares would not).
     share = problem.time_limit_s / (2 * len(ks))
-
-    def budget() -> float:
-        return share
-
     stage1: dict[int, StageResult] = {}
     for k in ks:  # the outer loop of the MILP over K
         hints = [refine_hint(problem, k, stage1[d]) for d in ks if d < k and k % d == 0 and stage1[d].ok]
         hints = [h for h in hints if h is not None]
         hint = min(hints, key=lambda h: (h["T"], h["span"]), default=None)
-        stage1[k] = solve_stage1(problem, k, budget(), hint)
+        stage1[k] = solve_stage1(problem, k, share, hint)
 
     cands = [seq]
     statuses = [r.status for r in stage1.values()]
@@ -169,11 +165,10 @@ def solve(problem: SearchProblem) -> Solution:
     for k in ks:
         r1 = stage1[k]
         if not r1.ok:
-            budget()
             notes.append(f"K={k}: stage 1 {r1.status.lower()}")
             continue
         window = max(2, math.ceil(r1.span_units / max(r1.period_units, 1)))
-        r2 = solve_stage2(problem, r1.structure, budget(), window)
+        r2 = solve_stage2(problem, r1.structure, share, window)
         statuses.append(r2.status)
         if r2.ok:
             cands.append(_from_stage2(problem, r2, r1, window))

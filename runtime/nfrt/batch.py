@@ -15,7 +15,7 @@ import torch
 
 from nfrt.config import BatchComposition
 from nfrt.errors import NfrtError
-from nfrt.kvcache import PAGE_SIZE, PageAllocator
+from nfrt.kvcache import PAGE_SIZE, PageAllocator, slot_of
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ class BatchBuffers:
             ppt[r][: len(pages)] = pages
             for pos in range(p.start, p.start + p.length):
                 positions.append(pos)
-                slots.append(pages[pos // ps] * ps + pos % ps)
+                slots.append(slot_of(pages, pos, ps))
                 token_req.append(r)
                 token_pos.append(pos)
         host = [(self.input_ids, batch.input_ids, torch.int64), (self.positions, positions, torch.int64),

@@ -17,6 +17,12 @@ from nfrt.errors import NfrtError
 PAGE_SIZE = 16
 
 
+def slot_of(pages, position, page_size: int):
+    """Cache slot of `position` of a sequence whose pages (in position order) are `pages`.
+    Works elementwise when `pages` and `position` are numpy arrays."""
+    return pages[position // page_size] * page_size + position % page_size
+
+
 class PageAllocator:
     """Hands out page numbers to sequences; a sequence's pages are in position order."""
 
@@ -54,10 +60,9 @@ class PageAllocator:
 
     def slot(self, seq_id: int, position: int) -> int:
         pages = self._pages.get(seq_id, [])
-        page = position // self.page_size
-        if page >= len(pages):
+        if position // self.page_size >= len(pages):
             raise NfrtError(f"KV cache: sequence {seq_id} has no page for position {position}")
-        return pages[page] * self.page_size + position % self.page_size
+        return slot_of(pages, position, self.page_size)
 
 
 class KVCache:

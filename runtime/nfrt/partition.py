@@ -79,15 +79,8 @@ class Partitions:
         """Wait for the streams, then destroy them and the green contexts (idempotent)."""
         if self._closed:
             return
-        drv = _driver()
-        for p in self.parts:
-            p.stream.synchronize()
-        for p in self.parts:
-            _STREAM_SMS.pop(int(p.stream.cuda_stream), None)
-            _check(drv.cuStreamDestroy(p.handle), "cuStreamDestroy")
-            _check(drv.cuGreenCtxDestroy(p.green_ctx), "cuGreenCtxDestroy")
-        for g in self._extra_ctxs:
-            _check(drv.cuGreenCtxDestroy(g), "cuGreenCtxDestroy")
+        _destroy([(p.handle, p.stream) for p in self.parts],
+                 [p.green_ctx for p in self.parts] + self._extra_ctxs)
         self._closed = True
 
     def __enter__(self) -> Partitions:
@@ -114,6 +107,48 @@ def _check(ret: Any, what: str) -> Any:
     if not isinstance(ret, tuple) or len(ret) == 1:
         return None
     return ret[1] if len(ret) == 2 else ret[1:]
+
+
+def _device_sm_resource(device: int, what: str) -> tuple[Any, Any, Any, int]:
+    """(driver, CUdevice, the device's SM resource, its split granularity), with the primary
+    context current so the driver API can be used."""
+    if not torch.cuda.is_available():
+        raise NfrtError(f"{what}: CUDA is not available")
+    drv = _driver()
+    torch.cuda.init()
+    torch.zeros(1, device=f"cuda:{device}")  # make the primary context current for the driver API
+    dev = _check(drv.cuDeviceGet(device), "cuDeviceGet")
+    res = _check(drv.cuDeviceGetDevResource(dev, drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM),
+                 "cuDeviceGetDevResource")
+    return drv, dev, res, _granularity(res.sm, torch.cuda.get_device_capability(device)[0])
+
+
+def _green_ctx(drv: Any, dev: Any, resources: list[Any]) -> Any:
+    """A green context over `resources` (SM resources of one device)."""
+    desc = _check(drv.cuDevResourceGenerateDesc(resources, len(resources)), "cuDevResourceGenerateDesc")
+    return _check(drv.cuGreenCtxCreate(desc, dev, drv.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM),
+                  "cuGreenCtxCreate")
+
+
+def _green_stream(drv: Any, ctx: Any, device: int, num_sms: int) -> tuple[Any, torch.cuda.Stream]:
+    """A non-blocking stream on green context `ctx`, registered for `stream_num_sms`: (CUstream, stream)."""
+    h = _check(drv.cuGreenCtxStreamCreate(ctx, drv.CUstream_flags.CU_STREAM_NON_BLOCKING, 0),
+               "cuGreenCtxStreamCreate")
+    stream = torch.cuda.ExternalStream(int(h), device=torch.device("cuda", device))
+    _STREAM_SMS[int(h)] = num_sms
+    return h, stream
+
+
+def _destroy(streams: list[tuple[Any, torch.cuda.Stream]], ctxs: list[Any]) -> None:
+    """Wait for the streams, then destroy them, then the green contexts."""
+    drv = _driver()
+    for _, stream in streams:
+        stream.synchronize()
+    for h, _ in streams:
+        _STREAM_SMS.pop(int(h), None)
+        _check(drv.cuStreamDestroy(h), "cuStreamDestroy")
+    for c in ctxs:
+        _check(drv.cuGreenCtxDestroy(c), "cuGreenCtxDestroy")
 
 
 def _granularity(sm_resource: Any, major: int) -> int:
@@ -143,35 +178,20 @@ def _validate(sizes: list[int], total: int, gran: int) -> None:
 def make_partitions(sizes: list[int], device: int = 0) -> Partitions:
     """Disjoint SM partitions of exactly `sizes` SMs, each with its own non-blocking stream."""
     sizes = list(sizes)
-    if not torch.cuda.is_available():
-        raise NfrtError("make_partitions: CUDA is not available")
-    drv = _driver()
-    torch.cuda.init()
-    torch.zeros(1, device=f"cuda:{device}")  # make the primary context current for the driver API
-    dev = _check(drv.cuDeviceGet(device), "cuDeviceGet")
+    drv, dev, res, gran = _device_sm_resource(device, "make_partitions")
     sm_type = drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM
-    res = _check(drv.cuDeviceGetDevResource(dev, sm_type), "cuDeviceGetDevResource")
     total = int(res.sm.smCount)
-    major = torch.cuda.get_device_capability(device)[0]
-    _validate(sizes, total, _granularity(res.sm, major))
+    _validate(sizes, total, gran)
 
     made: dict[int, list[Partition]] = {}  # size -> partitions of that size, in split order
     out = Partitions(device=device, parts=[])
-    ctx_flag = drv.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM
-    stream_flag = drv.CUstream_flags.CU_STREAM_NON_BLOCKING
-
-    def green_ctx(resource: Any) -> Any:
-        desc = _check(drv.cuDevResourceGenerateDesc([resource], 1), "cuDevResourceGenerateDesc")
-        return _check(drv.cuGreenCtxCreate(desc, dev, ctx_flag), "cuGreenCtxCreate")
 
     def partition(resource: Any, want: int) -> Partition:
         got = int(resource.sm.smCount)
         if got != want:
             raise NfrtError(f"make_partitions: asked {want} SMs, the driver's split gave {got}")
-        g = green_ctx(resource)
-        h = _check(drv.cuGreenCtxStreamCreate(g, stream_flag, 0), "cuGreenCtxStreamCreate")
-        stream = torch.cuda.ExternalStream(int(h), device=torch.device("cuda", device))
-        _STREAM_SMS[int(h)] = want
+        g = _green_ctx(drv, dev, [resource])
+        h, stream = _green_stream(drv, g, device, want)
         p = Partition(num_sms=want, stream=stream, handle=h, green_ctx=g)
         made.setdefault(want, []).append(p)
         return p
@@ -195,7 +215,8 @@ def make_partitions(sizes: list[int], device: int = 0) -> Partitions:
             if i + 1 < len(distinct):
                 nxt = distinct[i + 1]
                 if not (i + 2 == len(distinct) and sizes.count(nxt) == 1 and nxt == left):
-                    g = green_ctx(rem)  # a remainder is split again only through a green context
+                    # a remainder is split again only through a green context
+                    g = _green_ctx(drv, dev, [rem])
                     out._extra_ctxs.append(g)
                     rem = _check(drv.cuGreenCtxGetDevResource(g, sm_type), "cuGreenCtxGetDevResource")
                 cur = rem
@@ -245,42 +266,23 @@ class SmLayout:
                                 f"{self.aligned} aligned SMs (or cover all {self.total})")
             resources = self.groups[first_sm // g:(first_sm + num_sms) // g]
         dev = _check(drv.cuDeviceGet(self.device), "cuDeviceGet")
-        desc = _check(drv.cuDevResourceGenerateDesc(resources, len(resources)), "cuDevResourceGenerateDesc")
-        ctx = _check(drv.cuGreenCtxCreate(desc, dev, drv.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM),
-                     "cuGreenCtxCreate")
+        ctx = _green_ctx(drv, dev, list(resources))
         self._ctxs.append(ctx)
-        h = _check(drv.cuGreenCtxStreamCreate(ctx, drv.CUstream_flags.CU_STREAM_NON_BLOCKING, 0),
-                   "cuGreenCtxStreamCreate")
-        s = torch.cuda.ExternalStream(int(h), device=torch.device("cuda", self.device))
-        _STREAM_SMS[int(h)] = num_sms
+        h, s = _green_stream(drv, ctx, self.device, num_sms)
         self._streams.append((h, s))
         return s
 
     def close(self) -> None:
         if self._closed:
             return
-        drv = _driver()
-        for h, s in self._streams:
-            s.synchronize()
-            _STREAM_SMS.pop(int(h), None)
-            _check(drv.cuStreamDestroy(h), "cuStreamDestroy")
-        for c in self._ctxs:
-            _check(drv.cuGreenCtxDestroy(c), "cuGreenCtxDestroy")
+        _destroy(self._streams, self._ctxs)
         self._closed = True
 
 
 def make_layout(device: int = 0) -> SmLayout:
     """Split the device's SMs once into groups of its partition granularity (8 on Hopper)."""
-    if not torch.cuda.is_available():
-        raise NfrtError("make_layout: CUDA is not available")
-    drv = _driver()
-    torch.cuda.init()
-    torch.zeros(1, device=f"cuda:{device}")
-    dev = _check(drv.cuDeviceGet(device), "cuDeviceGet")
-    res = _check(drv.cuDeviceGetDevResource(dev, drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM),
-                 "cuDeviceGetDevResource")
+    drv, _, res, gran = _device_sm_resource(device, "make_layout")
     total = int(res.sm.smCount)
-    gran = _granularity(res.sm, torch.cuda.get_device_capability(device)[0])
     # The driver makes as many whole groups as the chip's GPC layout allows (15 of 8 SMs on a
     # 132-SM H200, remainder 12), which may be fewer than total // gran.
     want = total // gran

@@ -24,6 +24,7 @@ import torch
 
 from nfrt.batch import BatchBuffers, BatchShape
 from nfrt.errors import NfrtError
+from nfrt.kvcache import slot_of
 from nfrt.scheduler import Item, Plan, Request
 
 _I64 = ("staged_ids", "src_row", "positions", "slot_mapping", "sample_positions", "keys", "steps")
@@ -139,7 +140,7 @@ class StaticBatch:
             p = it.start
             h["context_lens"][j] = p + 1
             h["positions"][j] = p
-            h["slot_mapping"][j] = pages[p // ps] * ps + p % ps
+            h["slot_mapping"][j] = slot_of(pages, p, ps)
             self._token(h, it, p, j, plan.iteration)
             sampling |= self._sample(h, it.request, it.sample_row, j)
         t = s.decode_slots
@@ -149,7 +150,7 @@ class StaticBatch:
             h["prefill_page_table"][k, : len(pages)] = pages
             pos = np.arange(it.start, it.start + n, dtype=np.int64)
             h["positions"][t: t + n] = pos
-            h["slot_mapping"][t: t + n] = pages[pos // ps] * ps + pos % ps
+            h["slot_mapping"][t: t + n] = slot_of(pages, pos, ps)
             a = t - s.decode_slots
             h["token_req"][a: a + n] = k
             h["token_pos"][a: a + n] = pos
