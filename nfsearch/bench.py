@@ -1,13 +1,22 @@
-"""`nfsearch bench`: a schedule against its sequential twin on this GPU, in one run.
+"""`nfsearch bench`: a schedule against its sequential twin on this GPU (the tp GPUs of this host
+under tensor parallelism), in one run.
 
-One process builds the engine of the schedule (random weights from `--seed`) and its sequential
-twin (`Engine.sequential_twin()`: the same weights, KV cache and activation buffers), captures
+One process per GPU builds the engine of the schedule (random weights from `--seed`) and its
+sequential twin (`Engine.sequential_twin()`: the same weights, KV cache and activation buffers), captures
 both as CUDA graphs, and replays them interleaved, so that clock and thermal drift hit both alike;
 the twin also runs eagerly (`Model.forward_sequential`, the same ops with no graph). Beside that it
 measures the ceilings (bf16 GEMM 8192^3 via torch.matmul, a 1 GiB `copy_`), the bound (measured
 peak / (2 x active params), through `nfsearch.bound.compute_bound`), and checks the outputs: the
 nano-batched logits of a fresh batch must equal the sequential ones within bf16 tolerance, or no
 speed is reported. The JSON record always goes to `--out` (atomic write).
+
+Tensor parallelism (a schedule with tp N > 1): the command re-runs itself under torchrun as N
+processes (`nfsearch.launch.relaunch`), one per GPU. Every rank builds its shard of the engine and
+the twin, captures and replays both graphs in the same order (the all-reduces are inside the
+graphs, so the ranks stay in lockstep; a barrier starts each timed iteration) and rank 0 alone
+prints and writes: its CUDA-event times are the measurement. A ceiling joins the other two: the
+bus bandwidth of a 256 MiB bf16 all-reduce over the group, which the bound's network time uses.
+Throughput is per GPU (tokens per iteration / time / tp), the unit of the bound.
 
 Truncation (`--layers L` of a model of N): the model runs its first L layers, and the prediction
 is rescaled from the schedule's steady state: predicted_L = (L - 1) * period + span + tail, with
@@ -24,12 +33,10 @@ This module imports no torch at import time: the CLI registers it on machines wi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import shlex
-import statistics
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +46,7 @@ from nfrt.atomic import atomic_write_text
 from nfrt.schedule import Prediction, Schedule, load_schedule
 
 from nfsearch.errors import NfsearchError
+from nfsearch.launch import in_world, is_leader
 
 DEFAULT_ITERS = 20
 DEFAULT_WARMUP = 3
@@ -46,6 +54,7 @@ DEFAULT_RTOL = 3e-2  # max |nano - seq| over max |seq|: bf16 logits after a mult
 DEFAULT_OUT = "benchmarks/runs"
 GEMM_N = 8192  # the bf16 peak is measured on an 8192^3 product (bench_measure)
 COPY_BYTES = 1 << 30
+ALLREDUCE_BYTES = 1 << 28  # bf16 all-reduce of the NVLink ceiling (bench_measure), tp > 1 only
 
 
 @dataclass(frozen=True)
@@ -60,8 +69,11 @@ class BenchConfig:
     partitions: bool = True
     breakdown: bool = False
     timeline: str | None = None  # PNG path: per-stream Gantt measured inside the graph replay
+    tp: int | None = None  # None: the schedule's
 
     def __post_init__(self) -> None:
+        if self.tp is not None and self.tp < 1:
+            raise NfsearchError(f"--tp must be >= 1, got {self.tp}")
         if self.layers is not None and self.layers < 1:
             raise NfsearchError(f"--layers must be >= 1, got {self.layers}")
         if self.iters < 1:
@@ -96,6 +108,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeline", metavar="PNG", default=None,
                    help="also replay traced graphs (nfrt.trace stamps in the graph) and draw one middle "
                         "layer's measured per-stream Gantt beside the predicted one")
+    p.add_argument("--tp", type=int, default=d.tp,
+                   help="tensor-parallel degree, one process per GPU under torchrun (default: the "
+                        "schedule's; another value is an error)")
     p.add_argument("--json", action="store_true", help="print one JSON object (the record)")
     from nfsearch.bench_e2e import add_arguments
 
@@ -110,11 +125,20 @@ def run_bench(args: argparse.Namespace) -> int:
         return run_e2e(args)
     cfg = BenchConfig(schedule=args.schedule, layers=args.layers, iters=args.iters, warmup=args.warmup,
                       seed=args.seed, rtol=args.rtol, out=args.out, partitions=args.partitions,
-                      breakdown=args.breakdown, timeline=args.timeline)
+                      breakdown=args.breakdown, timeline=args.timeline, tp=getattr(args, "tp", None))
     schedule = load_schedule(cfg.schedule)
+    tp = resolve_tp(cfg.tp, schedule, cfg.schedule)
     run_schedule = truncate(schedule, cfg.layers)
+    from nfsearch.launch import relaunch
+
+    # tp > 1 outside torchrun: this command again as tp processes
+    code = relaunch(tp, getattr(args, "argv", None))
+    if code is not None:
+        return code
     require_cuda()
     m = measure(cfg, run_schedule)
+    if not is_leader():  # rank 0 reports; the others exit with the same verdict, quietly
+        return 0 if check_ok(cfg, m) else 2
     record = build_record(cfg, schedule, run_schedule, m, command=shlex.join(["nfsearch", *sys.argv[1:]]))
     if record.get("timeline"):
         from nfsearch.bench_timeline import draw_timeline
@@ -140,6 +164,23 @@ def require_cuda() -> None:
         raise NfsearchError("bench needs PyTorch with CUDA (pip install 'nfsearch[gpu]')") from None
     if not torch.cuda.is_available():
         raise NfsearchError("bench needs a CUDA GPU: torch.cuda.is_available() is False")
+
+
+def resolve_tp(requested: int | None, schedule: Schedule, path: str = "") -> int:
+    """The TP degree to run: the schedule's (a schedule is solved for one degree)."""
+    tp = schedule.metadata.tp
+    if requested is not None and requested != tp:
+        raise NfsearchError(f"--tp {requested} does not match tp {tp} of schedule "
+                            f"{path or schedule.metadata.model}: plan one for tp {requested}, or drop --tp")
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if in_world() and size != tp:
+        raise NfsearchError(f"schedule has tp {tp}, but torchrun started {size} processes")
+    return tp
+
+
+def check_ok(cfg: BenchConfig, m: dict[str, Any]) -> bool:
+    """Finite logits within `cfg.rtol` of the sequential ones."""
+    return bool(m["check"]["finite"] and m["check"]["max_rel_err"] <= cfg.rtol)
 
 
 def truncate(schedule: Schedule, layers: int | None) -> Schedule:
@@ -171,49 +212,24 @@ def predicted(prediction: Prediction | None, model_layers: int, layers: int) -> 
             "schedule_iteration_us": p.iteration_us, "schedule_layers": n}
 
 
-def speed(samples_us: list[float], tokens: int, optimal_tokens_per_s: float) -> dict[str, Any]:
-    med = statistics.median(samples_us)
-    tps = tokens / (med * 1e-6)
-    return {"median_us": med, "min_us": min(samples_us), "max_us": max(samples_us),
-            "tokens_per_s_per_gpu": tps, "fraction_of_bound": tps / optimal_tokens_per_s,
-            "samples_us": list(samples_us)}
-
-
-def bound_for(model, env: dict[str, Any], meta, peak_tflops: float, copy_gbps: float):
-    """`nfsearch.bound.compute_bound` for the model that ran, with the measured ceilings."""
-    from nfsearch.bound import compute_bound
-    from nfsearch.gpus import GpuSpec, resolve_gpu
-
-    gpu = None
-    for name in (env.get("gpu_slug"), meta.gpu):
-        with contextlib.suppress(NfsearchError):
-            gpu = gpu or (resolve_gpu(name) if name else None)
-    if gpu is None:  # a GPU nfsearch has no datasheet for: the measured numbers are all we have
-        gpu = GpuSpec(name="local", display_name=env.get("gpu_name", "?"), peak_tflops=peak_tflops,
-                      hbm_gbps=copy_gbps, nvlink_gbps=1.0, num_sms=env.get("num_sms", meta.num_sms),
-                      memory_gib=env.get("memory_gib", 1.0), sm_granularity=8)
-    gpu = gpu.with_overrides(peak_tflops=peak_tflops, hbm_gbps=copy_gbps)
-    try:
-        return compute_bound(model, gpu, meta.tp, meta.workload, meta.dense_batch)
-    except NfsearchError:  # a hand-written schedule's workload label: the optimum does not depend on it
-        return compute_bound(model, gpu, meta.tp)
-
-
 def build_record(cfg: BenchConfig, schedule: Schedule, ran: Schedule, m: dict[str, Any],
                  command: str) -> dict[str, Any]:
     """The JSON record of one bench run from the measurements `m` (plain data, see `measure`)."""
     import nfsearch
+    from nfsearch.bench_measure import bound_for, speed
     from nfsearch.models import param_counts
 
     meta, model = ran.metadata, ran.metadata.model_config
-    b = bound_for(model, m["env"], meta, m["peak_tflops"], m["copy_gbps"])
+    nvlink = m.get("nvlink_gbps")
+    b = bound_for(model, m["env"], meta, m["peak_tflops"], m["copy_gbps"], nvlink)
     optimal = b.optimal_tokens_per_s_per_gpu
-    ok = bool(m["check"]["finite"] and m["check"]["max_rel_err"] <= cfg.rtol)
+    ok = check_ok(cfg, m)
     pred = predicted(schedule.prediction, schedule.metadata.num_layers, meta.num_layers)
     rec: dict[str, Any] = {
         "nfsearch_version": nfsearch.__version__, "command": command, "date": m["date"],
         "schedule": str(cfg.schedule), "model": meta.model, "layers": meta.num_layers,
         "model_layers": schedule.metadata.num_layers, "workload": meta.workload, "tp": meta.tp,
+        "world_size": m["env"].get("world_size", 1),
         "batch": meta.batch.to_dict(), "tokens_per_iteration": m["tokens"],
         "num_nano_batches": len(ran.nano_batches),
         "streams": [{"name": s.name, "partition": s.partition, "nano_ops": len(s.nano_ops),
@@ -224,10 +240,13 @@ def build_record(cfg: BenchConfig, schedule: Schedule, ran: Schedule, m: dict[st
         "settings": {"iters": cfg.iters, "warmup": cfg.warmup, "seed": cfg.seed, "rtol": cfg.rtol,
                      "partitions": cfg.partitions},
         "ceilings": {"gemm_bf16_tflops": m["peak_tflops"], "gemm_shape": [GEMM_N] * 3,
-                     "copy_gbps": m["copy_gbps"], "copy_bytes": COPY_BYTES},
+                     "copy_gbps": m["copy_gbps"], "copy_bytes": COPY_BYTES,
+                     "allreduce_busbw_gbps": nvlink, "allreduce_bytes": ALLREDUCE_BYTES if nvlink else None},
         "bound": {"active_params": param_counts(model).active, "peak_tflops": m["peak_tflops"],
+                  "nvlink_gbps": b.gpu.nvlink_gbps if meta.tp > 1 else None, "tp": meta.tp,
                   "optimal_tokens_per_s_per_gpu": optimal, "binding": b.binding,
-                  "layer_compute_us": b.compute_us, "layer_memory_us": b.memory_us},
+                  "layer_compute_us": b.compute_us, "layer_memory_us": b.memory_us,
+                  "layer_network_us": b.network_us},
         "check": {"max_rel_err": m["check"]["max_rel_err"], "rtol": cfg.rtol, "ok": ok,
                   "finite": m["check"]["finite"], "eager_vs_graph_rel_err": m["check"]["eager_rel_err"]},
         "results": None, "speedup_vs_sequential": None, "eager_over_graph": None, "prediction": pred,
@@ -235,7 +254,7 @@ def build_record(cfg: BenchConfig, schedule: Schedule, ran: Schedule, m: dict[st
     }
     if not ok:  # wrong outputs: no speed is reported
         return rec
-    res = {k: speed(v, m["tokens"], optimal) for k, v in m["samples_us"].items()}
+    res = {k: speed(v, m["tokens"], optimal, meta.tp) for k, v in m["samples_us"].items()}
     nano, seq = res["nano"]["median_us"], res["sequential"]["median_us"]
     rec["results"] = res
     rec["speedup_vs_sequential"] = seq / nano
@@ -245,6 +264,8 @@ def build_record(cfg: BenchConfig, schedule: Schedule, ran: Schedule, m: dict[st
         if pred["sequential_iteration_us"]:
             pred["sequential_measured_over_predicted"] = seq / pred["sequential_iteration_us"]
     if m.get("breakdown"):
+        from nfsearch.bench_measure import breakdown_summary
+
         rec["breakdown"] = breakdown_summary(schedule, m["breakdown"])
     if m.get("timeline"):
         from nfsearch.bench_timeline import timeline_summary
@@ -253,29 +274,11 @@ def build_record(cfg: BenchConfig, schedule: Schedule, ran: Schedule, m: dict[st
     return rec
 
 
-def breakdown_summary(schedule: Schedule, bd: dict[str, Any]) -> dict[str, Any]:
-    """Per-nano-op solo times beside the predicted timeline's durations, and per-stream sums."""
-    want = {}
-    if schedule.prediction is not None:
-        want = {e.nano_op: e.end_us - e.start_us for e in schedule.prediction.timeline}
-    out: dict[str, Any] = {"layer": bd["layer"]}
-    for label in ("nano", "sequential"):
-        rows = [dict(r, predicted_us=want.get(r["nano_op"]) if label == "nano" else None) for r in bd[label]]
-        busy: dict[str, float] = {}
-        for r in rows:
-            busy[r["stream"]] = busy.get(r["stream"], 0.0) + r["solo_us"]
-        out[label] = {"nano_ops": rows, "stream_busy_us": busy}
-    pbusy: dict[str, float] = {}
-    for st in schedule.streams:
-        pbusy[st.name] = sum(want.get(n.name, 0.0) for n in st.nano_ops)
-    out["nano"]["predicted_stream_busy_us"] = pbusy if want else None
-    return out
-
-
 def record_path(out_dir: str | os.PathLike[str], record: dict[str, Any]) -> Path:
-    """<out>/<model>[-l<L>]-<gpu>-<workload>-<UTC date and time>.json"""
+    """<out>/<model>[-l<L>]-<gpu>[-tp<N>]-<workload>-<UTC date and time>.json (tp only when > 1)"""
     model = record["model"] + (f"-l{record['layers']}" if record["layers"] != record["model_layers"] else "")
     gpu = record["env"].get("gpu_slug") or record["env"].get("gpu_name", "gpu")
+    gpu += f"-tp{record['tp']}" if record.get("tp", 1) > 1 else ""
     stamp = record["date"].replace("-", "").replace(":", "")[:15] + "Z"  # 20261121T082233Z
     parts = (model, gpu, record["workload"])
     name = "-".join(re.sub(r"[^A-Za-z0-9._]+", "-", str(x)).strip("-") for x in parts)
@@ -291,16 +294,23 @@ def write_record(record: dict[str, Any], path: Path) -> Path:
 
 
 def format_table(rec: dict[str, Any], path: Path | None = None) -> str:
-    b, c, env = rec["batch"], rec["check"], rec["env"]
+    b, c, env, ceil = rec["batch"], rec["check"], rec["env"], rec["ceilings"]
+    tp = rec.get("tp", 1)
+    gpus = (f"tp {tp}: {rec.get('world_size', tp)} x {env.get('gpu_name')} ({env.get('num_sms')} SMs each, "
+            f"NCCL {env.get('nccl')})" if tp > 1 else f"{env.get('gpu_name')} ({env.get('num_sms')} SMs)")
+    net = ceil.get("allreduce_busbw_gbps")
     lines = [
         f"{rec['model']} ({rec['layers']} of {rec['model_layers']} layers), {rec['workload']}, "
         f"{rec['tokens_per_iteration']} tokens ({b['decode_tokens']} decode + "
-        f"{b['prefill_tokens']} prefill), "
-        f"{rec['num_nano_batches']} nano-batches on {env.get('gpu_name')} ({env.get('num_sms')} SMs)",
-        f"ceilings: bf16 GEMM {GEMM_N}^3 {rec['ceilings']['gemm_bf16_tflops']:.0f} TFLOP/s, "
-        f"copy 1 GiB {rec['ceilings']['copy_gbps']:.0f} GB/s (read + write)",
+        f"{b['prefill_tokens']} prefill), {rec['num_nano_batches']} nano-batches on {gpus}",
+        f"ceilings: bf16 GEMM {GEMM_N}^3 {ceil['gemm_bf16_tflops']:.0f} TFLOP/s, "
+        f"copy 1 GiB {ceil['copy_gbps']:.0f} GB/s (read + write)"
+        + (f", all-reduce {ALLREDUCE_BYTES >> 20} MiB bus bandwidth {net:.0f} GB/s" if net else ""),
         f"bound: {rec['bound']['peak_tflops']:.0f} TFLOP/s / (2 x {rec['bound']['active_params'] / 1e9:.3g}B "
-        f"active params) = {rec['bound']['optimal_tokens_per_s_per_gpu']:.0f} tokens/s per GPU",
+        f"active params) = {rec['bound']['optimal_tokens_per_s_per_gpu']:.0f} tokens/s per GPU"
+        + (f" (tokens per iteration / time / {tp}); layer at peak rates: compute "
+           f"{rec['bound']['layer_compute_us']:.0f} us, network {rec['bound']['layer_network_us']:.0f} us"
+           if tp > 1 else ""),
         f"check: nano vs sequential logits max rel err {c['max_rel_err']:.2e} (tolerance {c['rtol']:.0e}), "
         f"eager vs graph {c['eager_vs_graph_rel_err']:.2e}: {'ok' if c['ok'] else 'MISMATCH'}",
     ]

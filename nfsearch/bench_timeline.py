@@ -10,7 +10,8 @@ and partitions, every nano-op waiting for the one issued before it: solo on its 
 `nano` / `nano_serialized` per nano-op is the interference), `nano_green_full` (an all-SM
 partition on a green context instead of an ordinary stream; only when the schedule has one beside
 smaller ones), `sequential`. `stream_check` times the same GEMMs on an ordinary stream and on a
-green context over all SMs, directly.
+green context over all SMs, directly. Under tensor parallelism every rank replays the same traced
+graphs (rank 0's stamps are the ones reported).
 
 Imports torch only inside the measuring functions.
 """
@@ -45,6 +46,8 @@ def _traced(engine, schedule: Schedule, use_partitions: bool, green_full: bool, 
         stamps, times = [], []
         for _ in range(REPLAYS):
             eng.tracer.clear()
+            if engine.model.tp is not None:  # under TP the ranks start each replay together
+                engine.model.tp.barrier()
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             eng.replay()

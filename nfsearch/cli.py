@@ -142,9 +142,10 @@ def add_solve_parser(sub: argparse._SubParsersAction) -> None:
                         "(default: %(default)s)")
     p.add_argument("--dense-batch", type=int, default=d.dense_batch,
                    help="tokens per iteration (default: %(default)s)")
-    p.add_argument("--policy", choices=("auto", "sequential"), default=d.policy,
-                   help="auto: search; sequential: one nano-batch, one stream, all SMs "
-                        "(default: %(default)s)")
+    p.add_argument("--policy", choices=("auto", "sequential", "overlap"), default=d.policy,
+                   help="auto: search; sequential: one nano-batch, one stream, all SMs; overlap: the "
+                        "best searched schedule even when predicted slower than sequential (to measure "
+                        "the cost model) (default: %(default)s)")
     p.add_argument("--max-nano-batches", type=int, default=d.max_nano_batches,
                    help="largest nano-batch count tried (default: %(default)s)")
     p.add_argument("--time-limit", type=float, default=d.time_limit_s,
@@ -258,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse already printed usage and the error (or --help)
         return e.code if isinstance(e.code, int) else 2
+    # the command line itself: `--tp N` re-runs it as N processes (nfsearch.launch.relaunch)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return args.func(args)
     except (NfsearchError, NfrtError) as e:

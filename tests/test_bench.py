@@ -1,8 +1,10 @@
-"""`nfsearch bench` without a GPU: argument checks, the record, the output check's refusal, errors."""
+"""`nfsearch bench` without a GPU: argument checks, the record, the output check's refusal, errors,
+and the tensor-parallel path up to the GPU (relaunch under torchrun, rank 0 alone reporting)."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -10,10 +12,20 @@ from dataclasses import replace
 
 import pytest
 from nfrt.config import BatchComposition
-from nfrt.schedule import Metadata, Prediction, ProfileInfo, Schedule, SolverInfo, save_schedule
+from nfrt.schedule import (
+    LayerOp,
+    Metadata,
+    OpDep,
+    Prediction,
+    ProfileInfo,
+    Schedule,
+    SolverInfo,
+    save_schedule,
+)
 from schedules_util import layer_graph
 
-from nfsearch import bench
+import nfsearch.launch
+from nfsearch import bench, bench_measure
 from nfsearch.bound import compute_bound
 from nfsearch.cli import main
 from nfsearch.gpus import resolve_gpu
@@ -33,20 +45,51 @@ def _schedule(prediction: Prediction | None = None) -> Schedule:
     return replace(s, prediction=prediction) if prediction else s
 
 
+def tp_schedule(tp: int, num_sms: int = 132) -> Schedule:
+    """The sequential schedule of tiny-llama at `tp`: its layer graph with the two all-reduces."""
+    from nfsearch.opgraph import layer_ops
+
+    s = _schedule()
+    layer = tuple(LayerOp(name=op.name, kind=op.kind, token_class=op.token_class,
+                          deps=tuple(OpDep(op=p, scope=sc, prev_layer=prev) for p, sc, prev in op.deps))
+                  for op in layer_ops(s.metadata.model_config, tp))
+    return Schedule.sequential(replace(s.metadata, tp=tp, num_sms=num_sms), layer)
+
+
 @pytest.fixture
 def schedule_file(tmp_path):
     return save_schedule(_schedule(), tmp_path / "tiny.yaml")
 
 
-def _fake_measurements(rng: random.Random, err: float = 1e-3) -> dict:
+@pytest.fixture
+def tp2_file(tmp_path):
+    return save_schedule(tp_schedule(2), tmp_path / "tiny-tp2.yaml")
+
+
+@pytest.fixture
+def world(monkeypatch):
+    """No torchrun world, and the no-multicast variables restored after the test (relaunch sets them)."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", *nfsearch.launch.NO_MULTICAST_ENV):
+        monkeypatch.setenv(k, "")  # records the value to restore, unset included
+        monkeypatch.delenv(k)
+
+    def enter(rank: int, size: int) -> None:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(size))
+    return enter
+
+
+def _fake_measurements(rng: random.Random, err: float = 1e-3, tp: int = 1) -> dict:
     samples = {k: [rng.uniform(lo, lo * 1.1) for _ in range(5)]
                for k, lo in (("nano", 900.0), ("sequential", 1000.0), ("sequential_eager", 1100.0))}
+    nvlink = rng.uniform(300, 400) if tp > 1 else None
     return {"date": "2026-11-21T08:22:33Z",
             "env": {"gpu_name": "NVIDIA H200", "gpu_slug": "h200", "num_sms": 132, "memory_gib": 139.8,
-                    "driver": "580.159.04", "cuda": "13.0", "torch": "2.11.0", "triton": "3.6.0"},
-            "peak_tflops": rng.uniform(700, 800), "copy_gbps": rng.uniform(4000, 4400), "tokens": 256,
-            "samples_us": samples, "check": {"max_rel_err": err, "eager_rel_err": err / 2, "finite": True},
-            "breakdown": None}
+                    "driver": "580.159.04", "cuda": "13.0", "torch": "2.11.0", "triton": "3.6.0",
+                    "nccl": "2.27.3", "tp": tp, "world_size": tp, "nvlink_allreduce_busbw_gbps": nvlink},
+            "peak_tflops": rng.uniform(700, 800), "copy_gbps": rng.uniform(4000, 4400), "nvlink_gbps": nvlink,
+            "tokens": 256, "samples_us": samples,
+            "check": {"max_rel_err": err, "eager_rel_err": err / 2, "finite": True}, "breakdown": None}
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -174,3 +217,168 @@ def test_json_output_is_the_record(schedule_file, tmp_path, capsys, monkeypatch)
     assert json.loads(path.read_text()) == printed
     assert printed["results"]["sequential_eager"]["median_us"] > 0
     assert printed["command"].startswith("nfsearch ")
+
+
+# ---- tensor parallelism -------------------------------------------------------------------------
+
+def test_tp_schedule_relaunches_under_torchrun(tp2_file, monkeypatch, world):
+    calls = []
+    monkeypatch.setattr(nfsearch.launch, "relaunch", lambda tp, argv=None: calls.append(tp) or 7)
+    monkeypatch.setattr(bench, "measure", lambda *a: pytest.fail("measured in the launching process"))
+    assert main(["bench", "--schedule", str(tp2_file)]) == 7  # the world's exit code
+    assert main(["bench", "--schedule", str(tp2_file), "--tp", "2"]) == 7
+    assert calls == [2, 2]
+
+
+def test_relaunch_runs_torchrun_with_multicast_off(tp2_file, monkeypatch, world):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    argv = ["bench", "--schedule", str(tp2_file), "--layers", "1"]
+    monkeypatch.setattr(sys, "argv", ["nfsearch", *argv])
+    seen = {}
+
+    def call(cmd, env):
+        seen.update(cmd=cmd, env=env)
+        return 3
+    monkeypatch.setattr(nfsearch.launch.subprocess, "call", call)
+    assert main(argv) == 3
+    cmd = seen["cmd"]
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node=2" in cmd
+    assert cmd[-len(argv) - 2:] == ["-m", "nfsearch", *argv]
+    assert seen["env"]["NCCL_NVLS_ENABLE"] == "0" and seen["env"]["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
+
+
+def test_too_few_gpus_is_one_line(tp2_file, capsys, monkeypatch, world):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(nfsearch.launch.subprocess, "call", lambda *a, **k: pytest.fail("launched"))
+    assert main(["bench", "--schedule", str(tp2_file)]) == 2
+    err = capsys.readouterr().err
+    assert "--tp 2 needs 2 CUDA GPUs" in err and err.count("\n") == 1
+
+
+def test_inside_the_world_up_to_the_cuda_check(tp2_file, capsys, monkeypatch, world):
+    """A rank of the world does not relaunch; without CUDA it stops at the check, in one line."""
+    torch = pytest.importorskip("torch")
+    world(0, 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(nfsearch.launch.subprocess, "call", lambda *a, **k: pytest.fail("relaunched"))
+    monkeypatch.setattr(bench, "measure", lambda *a: pytest.fail("measured without CUDA"))
+    assert main(["bench", "--schedule", str(tp2_file), "--layers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and err.count("\n") == 1
+    assert os.environ["NCCL_NVLS_ENABLE"] == "0"  # the rank keeps multicast off
+
+
+@pytest.mark.parametrize("argv,size,needle", [
+    (["--tp", "2"], None, "--tp 2 does not match tp 1 of schedule"),
+    (["--tp", "0"], None, "--tp must be >= 1"),
+    ([], 2, "schedule has tp 1, but torchrun started 2 processes"),
+])
+def test_tp_mismatch_is_one_line(schedule_file, capsys, monkeypatch, world, argv, size, needle):
+    if size:
+        world(0, size)
+    monkeypatch.setattr(nfsearch.launch, "relaunch", lambda *a: pytest.fail("launched"))
+    assert main(["bench", "--schedule", str(schedule_file), *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("tp2,argv", [(True, []), (False, ["--tp", "2"])])
+def test_e2e_with_tp_is_one_line(schedule_file, tp2_file, capsys, monkeypatch, world, tp2, argv):
+    monkeypatch.setattr(nfsearch.launch, "relaunch", lambda *a: pytest.fail("launched"))
+    path = tp2_file if tp2 else schedule_file
+    assert main(["bench", "--e2e", "--schedule", str(path), "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "--e2e serves on one GPU (tp 1), not tp 2" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("rank,err", [(1, 1e-3), (1, 0.5), (0, 1e-3)])
+def test_only_rank_0_reports(tp2_file, tmp_path, capsys, monkeypatch, world, rank, err):
+    world(rank, 2)
+    out = tmp_path / "runs"
+    monkeypatch.setattr(bench, "require_cuda", lambda: None)
+    monkeypatch.setattr(bench, "measure", lambda cfg, s: _fake_measurements(random.Random(), err=err, tp=2))
+    code = main(["bench", "--schedule", str(tp2_file), "--out", str(out), "--json"])
+    assert code == (0 if err < 0.1 else 2)  # every rank exits with the check's verdict
+    printed = capsys.readouterr()
+    if rank:
+        assert printed.out == printed.err == "" and not out.exists()
+    else:
+        (path,) = out.iterdir()
+        assert json.loads(path.read_text()) == json.loads(printed.out)
+
+
+def test_bound_uses_the_measured_nvlink():
+    rng = random.Random()
+    s = tp_schedule(2)
+    meta, model = s.metadata, s.metadata.model_config
+    peak, copy, nvlink = rng.uniform(700, 800), rng.uniform(4000, 4400), rng.uniform(100, 400)
+    env = {"gpu_slug": "h200"}
+    b = bench_measure.bound_for(model, env, meta, peak, copy, nvlink)
+    gpu = resolve_gpu("h200").with_overrides(peak_tflops=peak, hbm_gbps=copy, nvlink_gbps=nvlink)
+    want = compute_bound(model, gpu, 2, meta.workload, meta.dense_batch)
+    assert b.gpu.nvlink_gbps == nvlink and b.network_us > 0
+    assert b.network_us == pytest.approx(want.network_us)
+    half = bench_measure.bound_for(model, env, meta, peak, copy, nvlink / 2)
+    assert half.network_us == pytest.approx(2 * b.network_us)  # bytes over the measured bandwidth
+    local = bench_measure.bound_for(model, {"gpu_name": "?", "num_sms": 132}, replace(meta, gpu="nope"),
+                                    peak, copy, nvlink)  # no datasheet: the measured numbers alone
+    assert local.gpu.nvlink_gbps == nvlink and local.network_us == pytest.approx(b.network_us)
+
+
+def test_tp_record_is_per_gpu(tmp_path):
+    rng = random.Random()
+    s = tp_schedule(2)
+    cfg = bench.BenchConfig(schedule="tiny-tp2.yaml", out=str(tmp_path))
+    m = _fake_measurements(rng, tp=2)
+    rec = bench.build_record(cfg, s, s, m, command="nfsearch bench --schedule tiny-tp2.yaml")
+    assert json.loads(json.dumps(rec)) == rec
+    assert rec["tp"] == rec["world_size"] == 2 and rec["env"]["nccl"] == "2.27.3"
+    assert rec["ceilings"]["allreduce_busbw_gbps"] == rec["bound"]["nvlink_gbps"] == m["nvlink_gbps"]
+    assert rec["ceilings"]["allreduce_bytes"] == 256 << 20
+    assert rec["env"]["nvlink_allreduce_busbw_gbps"] == m["nvlink_gbps"]
+    want = compute_bound(s.metadata.model_config, resolve_gpu("h200").with_overrides(
+        peak_tflops=m["peak_tflops"], hbm_gbps=m["copy_gbps"], nvlink_gbps=m["nvlink_gbps"]), 2,
+        s.metadata.workload, s.metadata.dense_batch)
+    assert rec["bound"]["layer_network_us"] > 0
+    assert rec["bound"]["layer_network_us"] == pytest.approx(want.network_us)
+    optimal = rec["bound"]["optimal_tokens_per_s_per_gpu"]
+    assert optimal == pytest.approx(want.optimal_tokens_per_s_per_gpu)
+    nano = sorted(m["samples_us"]["nano"])[2]
+    r = rec["results"]["nano"]
+    assert r["tokens_per_s_per_gpu"] == pytest.approx(256 / (nano * 1e-6) / 2)  # one iteration on 2 GPUs
+    assert r["tokens_per_s_all_gpus"] == pytest.approx(256 / (nano * 1e-6))
+    assert r["fraction_of_bound"] == pytest.approx(r["tokens_per_s_per_gpu"] / optimal)
+    assert bench.record_path("r", rec).name == "tiny-llama-h200-tp2-const-100-32-20261121T082233Z.json"
+    table = bench.format_table(rec)
+    assert "tp 2: 2 x NVIDIA H200" in table and "NCCL 2.27.3" in table
+    assert f"all-reduce 256 MiB bus bandwidth {m['nvlink_gbps']:.0f} GB/s" in table
+    one = bench.build_record(cfg, _schedule(), _schedule(), _fake_measurements(rng), command="x")
+    assert one["tp"] == 1 and one["ceilings"]["allreduce_busbw_gbps"] is None and "tp 1" not in \
+        bench.format_table(one) and "all-reduce" not in bench.format_table(one)
+
+
+def test_allreduce_bus_bandwidth(monkeypatch):
+    """2 (n - 1) / n x bytes / time, from the median time of in-place all-reduces over the group."""
+    torch = pytest.importorskip("torch")
+    rng = random.Random()
+    n, t_us, nbytes = rng.randint(2, 8), rng.uniform(500, 2000), 2 * rng.randint(1, 1 << 12)
+    reduced = []
+
+    class Group:
+        size, device = n, torch.device("cpu")
+
+        def all_reduce(self, x):
+            reduced.append((x.numel(), x.dtype))
+
+    def timed(fn, warmup, reps):
+        fn()
+        return t_us
+    monkeypatch.setattr(bench_measure, "_sync", lambda group: None)
+    monkeypatch.setattr(bench_measure, "_event_median_us", timed)
+    got = bench_measure.allreduce_busbw_gbps(Group(), nbytes)
+    assert reduced == [(nbytes // 2, torch.bfloat16)]
+    assert got == pytest.approx(2 * (n - 1) / n * nbytes / (t_us * 1e-6) / 1e9)

@@ -14,10 +14,13 @@ from nfsearch.models import resolve_model
 from nfsearch.opgraph import layer_ops, op_tokens, tail_ops
 from nfsearch.profile import load_profile, shipped_profile_path
 from nfsearch.profiler.grid import (
+    CORUN_KINDS,
     ProfileGrid,
+    corun_sets,
     full_grid,
     grid_point_count,
     interference_ops,
+    network_ops,
     op_points,
     profiled_ops,
     quick_grid,
@@ -33,9 +36,11 @@ class FakeTimer:
 
     def __init__(self, seed: int, crash_after: int | None = None) -> None:
         rng = random.Random(seed)
-        self.scale = {op: rng.uniform(0.5, 2.0) for op in profiled_ops(resolve_model("mixtral"))}
-        self.scale.update({op: rng.uniform(0.5, 2.0) for op in profiled_ops(resolve_model("llama3-8b"))})
+        self.scale = {op: rng.uniform(0.5, 2.0) for op in profiled_ops(resolve_model("mixtral"), 2)}
+        self.scale.update({op: rng.uniform(0.5, 2.0) for op in profiled_ops(resolve_model("llama3-8b"), 2)})
         self.slow = rng.uniform(1.02, 1.3)
+        self.net_slow = rng.uniform(1.02, 1.3)  # a network op on top (and its partners) slow this much
+        self.nvlink_gbps: float | None = None  # the ceilings measure NVLink when set (a TP run)
         self.crash_after = crash_after
         self.solo_calls: list[int] = []
         self.corun_calls: list[int] = []
@@ -47,7 +52,10 @@ class FakeTimer:
 
     def ceilings(self):
         self.ceiling_calls += 1
-        return {"peak_tflops": 790.0, "hbm_gbps": 4260.0}
+        out = {"peak_tflops": 790.0, "hbm_gbps": 4260.0}
+        if self.nvlink_gbps is not None:
+            out["nvlink_gbps"] = self.nvlink_gbps
+        return out
 
     def latency(self, op: str, t: int, c: int, s: int) -> float:
         return self.scale[op] * (3.0 + t * (1 + c / 64) * 0.01 * 132 / s)
@@ -59,18 +67,26 @@ class FakeTimer:
         tick(len(points))
         return [self.latency(op, t, c, num_sms) for op, t, c in points]
 
-    def corun(self, memory_sms, compute_sms, compute_ops, memory_ops, tick):
-        self.corun_calls.append(memory_sms)
-        tick(len(compute_ops) * len(memory_ops))
-        return [(c, m, compute_sms, memory_sms, self.slow * (1 + 0.1 * memory_sms / 132), 0.99,
-                 self.scale[c], self.scale[m]) for c in compute_ops for m in memory_ops]
+    def corun(self, top_sms, bottom_sms, bottom_ops, top_ops, tick):
+        self.corun_calls.append(top_sms)
+        tick(len(bottom_ops) * len(top_ops))
+        rows = []
+        for b in bottom_ops:
+            for t in top_ops:
+                if CORUN_KINDS[t] == "network":
+                    rows.append((b, t, bottom_sms, top_sms, self.net_slow, self.net_slow * self.scale[b],
+                                 self.scale[b], self.scale[t]))
+                else:
+                    rows.append((b, t, bottom_sms, top_sms, self.slow * (1 + 0.1 * top_sms / 132), 0.99,
+                                 self.scale[b], self.scale[t]))
+        return rows
 
     def describe(self):
         return "fake timer."
 
 
-def _args(model: str, grid: ProfileGrid):
-    return dict(model=resolve_model(model), tp=1, grid=grid, gpu_slug="h200", sm_granularity=8,
+def _args(model: str, grid: ProfileGrid, tp: int = 1):
+    return dict(model=resolve_model(model), tp=tp, grid=grid, gpu_slug="h200", sm_granularity=8,
                 nvlink_gbps=450.0)
 
 
@@ -147,18 +163,23 @@ def test_profile_from_fake_timer_is_valid_and_solvable(tmp_path) -> None:
     _assert_covers_solve(prof, "mixtral")
 
 
-def _assert_covers_solve(prof, model_name: str) -> None:
+def _assert_covers_solve(prof, model_name: str, tp: int = 1) -> None:
     """Every lookup `nfsearch solve` makes (ops x 64-token granules x SM sizes, built-in workloads)."""
     model = resolve_model(model_name)
     for wl in ("splitwise", "lmsys", "sharegpt", "const:512:128"):
-        batch = compose_batch(model, parse_workload(wl), resolve_gpu("h200"), round_to=64).batch
-        for op in layer_ops(model) + tail_ops(model):
+        batch = compose_batch(model, parse_workload(wl), resolve_gpu("h200"), tp, round_to=64).batch
+        for op in layer_ops(model, tp) + tail_ops(model, tp):
             ctx = op_tokens(op, batch)[1]
             for n in range(1, batch.dense_batch // 64 + 1):
                 for s in (8, 12, 64, 124, 132):
                     assert prof.latency_us(op.name, n * 64, ctx, s) > 0
+        pairs = [("compute", "memory"), ("memory", "compute")]
+        if tp > 1:
+            pairs += [("compute", "network"), ("network", "compute"), ("memory", "network"),
+                      ("network", "memory")]
         for s in partition_sizes(resolve_gpu("h200")):
-            assert prof.slowdown("compute", "memory", s) >= 1.0
+            for k, o in pairs:
+                assert prof.slowdown(k, o, s) >= 1.0
 
 
 @pytest.mark.parametrize("gpu", ["h200", "h100-sxm"])
@@ -259,3 +280,127 @@ def test_plot_and_show_and_spread(tmp_path, capsys) -> None:
     assert "slowdown compute beside memory" in capsys.readouterr().out
     same = latency_spread(prof, prof)
     assert same["median"] == 0.0 and same["max"] == 0.0
+
+
+# ---- tensor parallelism ----------------------------------------------------------------------
+
+
+def test_tp_grid_has_network_ops_and_pairs() -> None:
+    g = quick_grid(132, 8, 8, 120)
+    for name, tp in (("llama3-70b", 4), ("mixtral-8x7b", 2)):
+        m = resolve_model(name)
+        ops = profiled_ops(m, tp)
+        assert {"attn_allreduce", "mlp_allreduce"} <= set(ops)
+        assert not {"attn_allreduce", "mlp_allreduce"} & set(profiled_ops(m, 1))
+        # network ops: context 0, the all-token grid
+        net = sorted((t, c) for op, t, c in op_points(m, tp, g) if op == "mlp_allreduce")
+        assert net == [(t, 0) for t in g.tokens]
+        # co-runs: GEMMs beside decode attention, then GEMMs and decode attention beside the network op
+        comp, mem = interference_ops(m, tp)
+        assert corun_sets(m, 1) == [(comp, mem)]
+        assert corun_sets(m, tp) == [(comp, mem), (comp + mem, network_ops(m, tp))]
+        assert network_ops(m, tp) == ("attn_allreduce",) and network_ops(m, 1) == ()
+        solo, co = grid_point_count(m, tp, g)
+        assert co == len(g.splits) * (len(comp) * len(mem) + len(comp) + len(mem))
+        assert solo == (grid_point_count(m, 1, g)[0] + 2 * len(g.tokens) * len(g.sms))
+    # the kinds the interference table is keyed by are opgraph's
+    kinds = {op.name: op.kind for op in layer_ops(resolve_model("mixtral"), 2) + layer_ops(
+        resolve_model("llama3-8b"), 2)}
+    assert all(kinds[op] == kind for op, kind in CORUN_KINDS.items())
+
+
+def test_tp_profile_has_network_rows_and_measured_nvlink(tmp_path) -> None:
+    out = tmp_path / "llama3-70b-tp4.json"
+    t = FakeTimer(random.randrange(1 << 30))
+    t.scale.update({op: random.uniform(0.5, 2.0) for op in profiled_ops(resolve_model("llama3-70b"), 4)})
+    t.nvlink_gbps = random.uniform(300.0, 400.0)
+    grid = quick_grid(132, 8, 8, 120)
+    prof = run_profile(timer=t, out=out, **_args("llama3-70b", grid, tp=4))
+    assert load_profile(out) == prof and prof.meta.tp == 4
+    assert prof.meta.nvlink_gbps == pytest.approx(t.nvlink_gbps)
+    assert "nvlink_gbps is measured" in prof.meta.notes
+    for op in ("attn_allreduce", "mlp_allreduce"):
+        assert prof.context_grid(op) == (0,) and prof.token_grid(op) == grid.tokens
+        assert prof.latency_us(op, 1024, 0, 32) == pytest.approx(t.latency(op, 1024, 0, 32), abs=1e-4)
+    # network on the top m SMs: its slowdown is the max over partners; partners' the weighted mean
+    comp, mem = interference_ops(resolve_model("llama3-70b"), 4)
+    for m, c in split_pairs(grid):
+        worst = max(t.net_slow * t.scale[o] for o in comp)
+        assert prof.slowdown("network", "compute", m) == pytest.approx(max(1.0, worst), abs=1e-6)
+        assert prof.slowdown("network", "memory", m) == pytest.approx(max(1.0, t.net_slow * t.scale[mem[0]]),
+                                                                      abs=1e-6)
+        assert prof.slowdown("compute", "network", c) == pytest.approx(t.net_slow, abs=1e-6)
+        assert prof.slowdown("memory", "network", c) == pytest.approx(t.net_slow, abs=1e-6)
+    kinds = set(zip(prof.interference["kind"], prof.interference["other_kind"], strict=True))
+    assert kinds == {("compute", "memory"), ("memory", "compute"), ("compute", "network"),
+                     ("network", "compute"), ("memory", "network"), ("network", "memory")}
+    _assert_covers_solve(prof, "llama3-70b", tp=4)
+
+
+def test_tp1_keeps_datasheet_nvlink_and_no_network_rows(tmp_path) -> None:
+    prof = run_profile(timer=FakeTimer(3), out=tmp_path / "a.json", **_args("llama3-8b", quick_grid()))
+    assert prof.meta.nvlink_gbps == 450.0 and "datasheet" in prof.meta.notes
+    assert "network" not in set(prof.interference["kind"]) | set(prof.interference["other_kind"])
+    assert "attn_allreduce" not in prof.ops()
+
+
+def test_non_leader_rank_writes_nothing_and_reads_the_same_partial(tmp_path) -> None:
+    out = tmp_path / "mixtral-8x7b-tp2.json"
+    grid = quick_grid(132, 8, 8, 120)
+    seed = random.randrange(1 << 30)
+    with pytest.raises(RuntimeError):
+        run_profile(timer=FakeTimer(seed, crash_after=2), out=out, **_args("mixtral", grid, tp=2))
+    before = partial_path(out).read_bytes()
+    calls = []
+    rank1 = FakeTimer(seed)
+    prof = run_profile(timer=rank1, out=out, resume=True, leader=False, barrier=lambda: calls.append(1),
+                       **_args("mixtral", grid, tp=2))
+    assert calls == [1] and rank1.ceiling_calls == 0  # resumed from the leader's partial file
+    assert len(rank1.solo_calls) == len(grid.sms) - 2
+    assert not out.exists() and partial_path(out).read_bytes() == before  # untouched
+    leader = run_profile(timer=FakeTimer(seed), out=out, resume=True, leader=True,
+                         barrier=lambda: calls.append(0), **_args("mixtral", grid, tp=2))
+    assert out.exists() and not partial_path(out).exists() and calls == [1, 0]
+    assert leader.latency.equals(prof.latency) and leader.interference.equals(prof.interference)
+
+
+def test_aggregate_interference_network_pairs() -> None:
+    rng = random.Random()
+    ops = ("qkv_proj", "o_proj", "gate_up", "down")
+    net_beside = {op: rng.uniform(1.0, 1.5) for op in ops}  # network's slowdown beside each GEMM
+    gemm_slow = {op: rng.uniform(1.0, 1.5) for op in ops}
+    gemm_us = {op: rng.uniform(10.0, 500.0) for op in ops}
+    rows = [(op, "attn_allreduce", 104, 16, gemm_slow[op], net_beside[op], gemm_us[op], 80.0) for op in ops]
+    rows.append(("attn_decode", "attn_allreduce", 104, 16, 1.07, 1.3, 600.0, 80.0))
+    table, note = aggregate_interference(rows, (8, 16, 104, 132))
+    d = {(k, o, s): x for k, o, s, x in table}
+    assert d[("network", "compute", 16)] == pytest.approx(max(net_beside.values()))
+    want = sum(gemm_slow[o] * gemm_us[o] for o in ops) / sum(gemm_us.values())
+    assert d[("compute", "network", 104)] == pytest.approx(want)
+    assert d[("network", "memory", 16)] == pytest.approx(1.3)
+    assert d[("memory", "network", 104)] == pytest.approx(1.07)
+    assert d[("network", "memory", 132)] == pytest.approx(1.3)  # edges copied
+    assert ("compute", "memory", 104) not in d and "compute/network" in note
+    with pytest.raises(NfsearchError, match="does not co-run"):
+        aggregate_interference([("silu_mul", "attn_allreduce", 104, 16, 1.0, 1.0, 1.0, 1.0)], (8, 132))
+
+
+def test_profile_tp_relaunches_across_gpus(monkeypatch) -> None:
+    torch = pytest.importorskip("torch")
+    import nfsearch.launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    calls = []
+    code = random.randrange(1, 100)
+
+    def fake_relaunch(tp, argv=None):
+        calls.append(tp)
+        return code  # outside torchrun: the N processes ran; their exit code is the command's
+
+    monkeypatch.setattr(nfsearch.launch, "relaunch", fake_relaunch)
+    assert main(["profile", "--model", "llama3-70b", "--tp", "4", "--quick"]) == code
+    assert calls == [4]
+    # a degree that does not divide the heads fails before any process starts
+    assert main(["profile", "--model", "llama3-70b", "--tp", "3"]) == 2
+    assert calls == [4]

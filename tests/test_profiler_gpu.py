@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from nfsearch.models import resolve_model  # noqa: E402
 from nfsearch.profile import load_profile  # noqa: E402
-from nfsearch.profiler.grid import ProfileGrid, op_points  # noqa: E402
+from nfsearch.profiler.grid import ProfileGrid, op_points, profiled_ops  # noqa: E402
 from nfsearch.profiler.run import partial_path, run_profile  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
@@ -45,3 +45,43 @@ def test_tiny_profile_end_to_end(tmp_path, name: str) -> None:
     # decode attention reads 8x the KV at 256 than at 32 tokens of context: it must take longer
     s = grid.sms[-1]
     assert prof.latency_us("attn_decode", 128, 256, s) > prof.latency_us("attn_decode", 128, 32, s)
+
+
+def test_timer_refuses_tp_without_a_group() -> None:
+    from nfsearch.errors import NfsearchError
+    from nfsearch.profiler.measure import GpuTimer
+
+    with pytest.raises(NfsearchError, match="tensor-parallel group of 2 ranks"):
+        GpuTimer(resolve_model("tiny-llama"), 2, _tiny_grid())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_tp2_profile_end_to_end(tmp_path) -> None:
+    """`nfsearch profile --tp 2` re-runs itself as two processes; rank 0 writes a profile with the
+    network ops, the network interference pairs and a measured NVLink bandwidth."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "runtime"), str(root),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "tiny-llama-tp2.json"
+    cmd = [sys.executable, "-m", "nfsearch", "profile", "--model", "tiny-llama", "--tp", "2", "--quick",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("wrote ") == 1  # rank 0 alone reports (and writes)
+    prof = load_profile(out)
+    assert prof.meta.tp == 2 and not partial_path(out).exists()
+    assert set(prof.ops()) == set(profiled_ops(resolve_model("tiny-llama"), 2))
+    for op in ("attn_allreduce", "mlp_allreduce"):
+        for s in prof.sm_grid():
+            us = prof.latency_us(op, 1024, 0, s)
+            assert 1.0 < us < 10_000.0
+    kinds = set(zip(prof.interference["kind"], prof.interference["other_kind"], strict=True))
+    assert {("network", "compute"), ("compute", "network"), ("network", "memory"),
+            ("memory", "network")} <= kinds
+    assert 10.0 < prof.meta.nvlink_gbps < 2000.0 and "nvlink_gbps is measured" in prof.meta.notes
+

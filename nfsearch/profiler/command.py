@@ -3,6 +3,10 @@
 Imports no torch (nor pandas, via nfsearch.profile) at module import time: the CLI builds its
 parser on machines without them, and measuring imports `nfsearch.profiler.measure` only once a
 CUDA GPU is known to be there.
+
+`--tp N` (N > 1) re-runs the command as N processes, one per GPU (`nfsearch.launch.relaunch`);
+each rank times its shard of the model and the collectives between them, in lockstep, and rank 0
+writes the profile (nfsearch.profiler.run).
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from nfrt.config import ModelConfig
 
 from nfsearch.errors import NfsearchError
 from nfsearch.gpus import gpu_slug_for_device_name, resolve_gpu
-from nfsearch.models import model_names, resolve_model
+from nfsearch.models import check_tp, model_names, resolve_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -75,6 +82,28 @@ def run_profile_command(args: argparse.Namespace) -> int:
         raise _no_gpu_error("torch.cuda.is_available() is False")
     if args.device >= torch.cuda.device_count():
         raise NfsearchError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    group = None
+    if args.tp > 1:
+        from nfsearch.launch import relaunch
+
+        check_tp(model, args.tp)  # before starting N processes
+        code = relaunch(args.tp, getattr(args, "argv", None))
+        if code is not None:
+            return code
+        from nfrt.tp import TPGroup
+
+        group = TPGroup.from_env("cuda")
+        args.device = group.device.index  # one GPU per rank (LOCAL_RANK); --device does not apply
+    try:
+        return _measure(args, model, torch, group)
+    finally:
+        if group is not None:
+            group.close()
+
+
+def _measure(args: argparse.Namespace, model: ModelConfig, torch: Any, group: Any) -> int:
+    """Profile on this GPU (under TP: this rank's, in lockstep with the others; rank 0 writes)."""
+    leader = group is None or group.rank == 0
 
     from nfsearch.profile import profile_filename, profiles_root
     from nfsearch.profiler.grid import full_grid, quick_grid
@@ -92,20 +121,24 @@ def run_profile_command(args: argparse.Namespace) -> int:
         slug = _slugify(name)
         gran, min_sms, nvlink = (8, 8, 0.0) if props.major >= 9 else (2, 4, 0.0)
         placed = None
-        print(f"warning: {name} is not a built-in GPU; writing under profiles/{slug}/ (nfsearch solve "
-              f"--profile FILE can use it)", file=sys.stderr)
+        if leader:
+            print(f"warning: {name} is not a built-in GPU; writing under profiles/{slug}/ (nfsearch "
+                  f"solve --profile FILE can use it)", file=sys.stderr)
     grid = (quick_grid if args.quick else full_grid)(props.multi_processor_count, gran, min_sms, placed)
     out = Path(args.out) if args.out else profiles_root() / slug / profile_filename(model.name, args.tp)
     t0 = time.perf_counter()
-    timer = GpuTimer(model, args.tp, grid, device=args.device)
+    timer = GpuTimer(model, args.tp, grid, device=args.device, group=group)
     prof = run_profile(model, args.tp, grid, timer, out, gpu_slug=slug, sm_granularity=gran,
                        nvlink_gbps=nvlink, resume=args.resume, progress=_progress,
-                       grid_name="quick" if args.quick else "full")
+                       grid_name="quick" if args.quick else "full", leader=leader,
+                       barrier=group.barrier if group is not None else None)
     dt = time.perf_counter() - t0
-    print(f"wrote {out}: {len(prof.latency)} latency rows, {len(prof.interference)} interference rows "
-          f"in {dt:.0f} s; measured peak {prof.meta.peak_tflops:.0f} TFLOP/s, "
-          f"copy {prof.meta.hbm_gbps:.0f} GB/s; peak GPU memory reserved "
-          f"{torch.cuda.max_memory_reserved(args.device) / 2**30:.1f} GiB")
+    if leader:
+        nv = f", all-reduce bus {prof.meta.nvlink_gbps:.0f} GB/s over {args.tp} GPUs" if group else ""
+        print(f"wrote {out}: {len(prof.latency)} latency rows, {len(prof.interference)} interference rows "
+              f"in {dt:.0f} s; measured peak {prof.meta.peak_tflops:.0f} TFLOP/s, "
+              f"copy {prof.meta.hbm_gbps:.0f} GB/s{nv}; peak GPU memory reserved "
+              f"{torch.cuda.max_memory_reserved(args.device) / 2**30:.1f} GiB")
     return 0
 
 

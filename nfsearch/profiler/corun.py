@@ -8,6 +8,11 @@ placed SMs, 120 of 132 on an H200), captures each op looped in its own CUDA grap
 replay), replays both graphs concurrently for `seconds`, and times every replay with events. Only
 replays that run entirely while both sides run, after the first quarter (clock settling), count.
 Solo times are taken the same way, one graph alone on the same stream; slowdown = co-run / solo.
+
+Under tensor parallelism the top op may be a network op (an all-reduce on the communicator of the
+top partition's size), and its graphs synchronise the ranks at every collective: every count that
+decides how many collectives run (launches per graph, replays) goes through `timer.agree` (the max
+over the ranks) so each rank issues the same sequence.
 """
 
 from __future__ import annotations
@@ -19,12 +24,18 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from nfrt.model import NETWORK_OPS
 from nfrt.partition import make_layout
 
 from nfsearch.errors import NfsearchError
 
 LOOP_US = 3000.0  # target replay length of each looped graph
 MAX_LOOP = 512
+Agree = Callable[[list[float]], list[float]]
+
+
+def _same(values: list[float]) -> list[float]:
+    return list(values)
 
 
 def _looped(timer: Any, stream: torch.cuda.Stream, op: str, tokens: int, context: int):
@@ -33,8 +44,17 @@ def _looped(timer: Any, stream: torch.cuda.Stream, op: str, tokens: int, context
     g1 = timer._capture(stream, fn, 1, shared_pool=False)
     one = statistics.median(timer._replays_us(g1, stream, 5))
     del g1
+    one = timer.agree([one])[0]
     n = max(1, min(MAX_LOOP, math.ceil(LOOP_US / max(one, 1.0))))
     return timer._capture(stream, fn, n, shared_pool=False), n
+
+
+def _point(grid: Any, op: str) -> tuple[int, int]:
+    """(tokens, context) of `op` in the co-runs."""
+    if op == "attn_decode":
+        return tuple(grid.interference_decode)
+    t = grid.interference_tokens
+    return (t, t) if op == "attn_prefill" else (t, 0)
 
 
 def _issue(g: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, ev: torch.cuda.Event) -> None:
@@ -43,13 +63,15 @@ def _issue(g: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, ev: torch.cuda.Ev
         ev.record(stream)
 
 
-def solo_us(g: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, seconds: float) -> float:
+def solo_us(g: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, seconds: float,
+            agree: Agree = _same) -> float:
     """Median replay time (us) of `g` alone, sustained for about `seconds`, first quarter dropped."""
     probe = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
     probe[0].record(stream)
     _issue(g, stream, probe[1])
     stream.synchronize()
     k = max(8, math.ceil(seconds * 1e3 / max(probe[0].elapsed_time(probe[1]), 1e-3)))
+    k = int(agree([k])[0])
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(k + 1)]
     ev[0].record(stream)
     for i in range(k):
@@ -61,13 +83,13 @@ def solo_us(g: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, seconds: float) 
 
 def corun_us(ga: torch.cuda.CUDAGraph, sa: torch.cuda.Stream, a_us: float,
              gb: torch.cuda.CUDAGraph, sb: torch.cuda.Stream, b_us: float,
-             seconds: float) -> tuple[float, float]:
+             seconds: float, agree: Agree = _same) -> tuple[float, float]:
     """Median replay times (us) of graphs a and b replayed concurrently for about `seconds`.
 
     Replays are issued in order of their solo start times so neither queue runs far ahead; a replay
     counts when it starts after the first quarter of the common window and ends before either side
     runs out of work."""
-    ka, kb = (max(8, math.ceil(seconds * 1e6 / x)) for x in (a_us, b_us))
+    ka, kb = (int(k) for k in agree([max(8, math.ceil(seconds * 1e6 / x)) for x in (a_us, b_us)]))
     ea = [torch.cuda.Event(enable_timing=True) for _ in range(ka + 1)]
     eb = [torch.cuda.Event(enable_timing=True) for _ in range(kb + 1)]
     ea[0].record(sa)
@@ -99,42 +121,44 @@ def corun_us(ga: torch.cuda.CUDAGraph, sa: torch.cuda.Stream, a_us: float,
     return statistics.median(kept(ta)), statistics.median(kept(tb))
 
 
-def sustained_corun(timer: Any, memory_sms: int, compute_sms: int, compute_ops: tuple[str, ...],
-                    memory_ops: tuple[str, ...], tick: Callable[[int], None]) -> list[tuple]:
-    """Rows (compute op, memory op, compute SMs, memory SMs, compute slowdown, memory slowdown,
-    compute solo us per op, memory solo us per op) for every pair, on one placed split."""
-    grid = timer.grid
-    seconds = grid.corun_s
-    t = grid.interference_tokens
-    dreq, dctx = grid.interference_decode
+def sustained_corun(timer: Any, top_sms: int, bottom_sms: int, bottom_ops: tuple[str, ...],
+                    top_ops: tuple[str, ...], tick: Callable[[int], None]) -> list[tuple]:
+    """Rows (bottom op, top op, bottom SMs, top SMs, bottom slowdown, top slowdown, bottom solo us
+    per op, top solo us per op) for every pair, on one placed split: bottom ops on SM slots
+    [0, bottom_sms), top ops (memory, or network under TP) on the top `top_sms` placed slots."""
+    seconds = timer.grid.corun_s
+    agree = timer.agree
     layout = make_layout(device=timer.dev.index or 0)
     rows: list[tuple] = []
     try:
         top = layout.aligned
-        if compute_sms + memory_sms > top:
-            raise NfsearchError(f"interference split {compute_sms} + {memory_sms} SMs exceeds the "
+        if bottom_sms + top_sms > top:
+            raise NfsearchError(f"interference split {bottom_sms} + {top_sms} SMs exceeds the "
                                 f"{top} placed SMs of this GPU's layout")
-        cs = layout.stream(0, compute_sms)
-        ms = layout.stream(top - memory_sms, memory_sms)
-        mem = {}
-        for op in memory_ops:
-            ctx = (dreq, dctx) if op == "attn_decode" else (t, 0)
-            g, n = _looped(timer, ms, op, *ctx)
-            mem[op] = (g, n, solo_us(g, ms, seconds / 2))
+        bs = layout.stream(0, bottom_sms)
+        ts = layout.stream(top - top_sms, top_sms)
+        tops = {}
+        for op in top_ops:
+            if op in NETWORK_OPS:  # NCCL's CTAs capped at the partition it runs on
+                timer.use_comm(top_sms)
+            g, n = _looped(timer, ts, op, *_point(timer.grid, op))
+            tops[op] = (g, n, solo_us(g, ts, seconds / 2, agree))
         warmed = False
-        for c_op in compute_ops:
-            gc_, nc = _looped(timer, cs, c_op, t, t if c_op == "attn_prefill" else 0)
-            c_solo = solo_us(gc_, cs, seconds / 2)
-            for m_op, (gm, nm, m_solo) in mem.items():
+        for b_op in bottom_ops:
+            if b_op in NETWORK_OPS:
+                timer.use_comm(bottom_sms)
+            gb, nb = _looped(timer, bs, b_op, *_point(timer.grid, b_op))
+            b_solo = solo_us(gb, bs, seconds / 2, agree)
+            for t_op, (gt, nt, t_solo) in tops.items():
                 if not warmed:  # reach the power-capped steady state before the first timed co-run
-                    corun_us(gc_, cs, c_solo, gm, ms, m_solo, max(0.5, seconds))
+                    corun_us(gb, bs, b_solo, gt, ts, t_solo, max(0.5, seconds), agree)
                     warmed = True
-                c_co, m_co = corun_us(gc_, cs, c_solo, gm, ms, m_solo, seconds)
-                rows.append((c_op, m_op, compute_sms, memory_sms, c_co / c_solo, m_co / m_solo,
-                             c_solo / nc, m_solo / nm))
+                b_co, t_co = corun_us(gb, bs, b_solo, gt, ts, t_solo, seconds, agree)
+                rows.append((b_op, t_op, bottom_sms, top_sms, b_co / b_solo, t_co / t_solo,
+                             b_solo / nb, t_solo / nt))
                 tick(1)
-            del gc_
-        del mem
+            del gb
+        del tops
     finally:
         torch.cuda.synchronize(timer.dev)
         layout.close()

@@ -26,7 +26,15 @@ CONTEXT_OPS = ("attn_decode", "attn_prefill")
 # the table). Network ops join under TP.
 INTERFERENCE_COMPUTE = ("qkv_proj", "o_proj", "gate_up", "down", "expert_gate_up", "expert_down")
 INTERFERENCE_MEMORY = ("attn_decode",)
-# Memory-partition sizes of the interference co-runs; compute gets the rest of the placeable SMs.
+# Under TP the network op co-runs with both (on the top partition, the partner on the rest).
+# attn_allreduce and mlp_allreduce are the same all-reduce of [tokens, hidden]: one stands for both.
+INTERFERENCE_NETWORK = ("attn_allreduce",)
+# The op kinds of nfsearch.opgraph for the ops that co-run (the interference table is by kind).
+CORUN_KINDS: dict[str, str] = {**dict.fromkeys(INTERFERENCE_COMPUTE, "compute"),
+                               **dict.fromkeys(INTERFERENCE_MEMORY, "memory"),
+                               **dict.fromkeys(INTERFERENCE_NETWORK, "network")}
+# Top-partition sizes of the interference co-runs (memory, or network under TP); the partner gets
+# the rest of the placeable SMs.
 FULL_SPLITS = (16, 32, 48, 64, 80)
 QUICK_SPLITS = (32, 48, 64)
 
@@ -45,7 +53,7 @@ class ProfileGrid:
     decode_contexts: tuple[int, ...]
     prefill_tokens: tuple[int, ...]
     prefill_contexts: tuple[int, ...]
-    splits: tuple[int, ...]  # interference: memory-partition SMs; compute gets placed_sms - split
+    splits: tuple[int, ...]  # interference: top-partition SMs; the partner gets placed_sms - split
     interference_tokens: int  # tokens of the compute ops (prefill: prompts of this length too)
     interference_decode: tuple[int, int]  # (requests, context) of attn_decode while co-running
     repeats: int  # timed graph replays per point (median)
@@ -149,7 +157,8 @@ def op_points(model: ModelConfig, tp: int, grid: ProfileGrid) -> list[Point]:
 
 
 def split_pairs(grid: ProfileGrid) -> list[tuple[int, int]]:
-    """(memory SMs, compute SMs) of each co-run: complementary partitions of the placed SMs."""
+    """(top SMs, bottom SMs) of each co-run: complementary partitions of the placed SMs (top: the
+    memory or network op, bottom: its partner)."""
     return [(s, grid.placed_sms - s) for s in grid.splits]
 
 
@@ -160,7 +169,26 @@ def interference_ops(model: ModelConfig, tp: int = 1) -> tuple[tuple[str, ...], 
             tuple(o for o in INTERFERENCE_MEMORY if o in ops))
 
 
+def network_ops(model: ModelConfig, tp: int = 1) -> tuple[str, ...]:
+    """The network op that co-runs in the interference table (none at tp 1)."""
+    ops = set(profiled_ops(model, tp))
+    return tuple(o for o in INTERFERENCE_NETWORK if o in ops)
+
+
+def corun_sets(model: ModelConfig, tp: int = 1) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """(bottom ops, top ops) co-run on every split, each bottom op beside each top op: the GEMMs
+    beside decode attention; under TP also the GEMMs and decode attention beside the network op.
+    Kind pairs: (compute, memory), (memory, compute), and under TP (compute, network),
+    (network, compute), (memory, network), (network, memory)."""
+    comp, mem = interference_ops(model, tp)
+    sets = [(comp, mem)]
+    net = network_ops(model, tp)
+    if net:
+        sets.append((comp + mem, net))
+    return sets
+
+
 def grid_point_count(model: ModelConfig, tp: int, grid: ProfileGrid) -> tuple[int, int]:
     """(solo points, interference co-runs) for the progress bar."""
-    comp, mem = interference_ops(model, tp)
-    return len(op_points(model, tp, grid)) * len(grid.sms), len(grid.splits) * len(comp) * len(mem)
+    pairs = sum(len(bottom) * len(top) for bottom, top in corun_sets(model, tp))
+    return len(op_points(model, tp, grid)) * len(grid.sms), len(grid.splits) * pairs

@@ -8,6 +8,14 @@ one CUDA graph; the graph is replayed once to warm up, then `repeats` times betw
 and the median replay / N is the latency. Decode and prefill attention read KV pages scattered
 at random over a 2 GiB pool per layer (far larger than L2): pages are aliased across requests,
 which is free for a read-only timing and lets 4096 requests x 4096 tokens fit on any GPU.
+
+Under tensor parallelism (tp > 1, one process per GPU, `nfrt.tp.TPGroup`) the model is the rank's
+shard (`shard_config`, `random_shard_weights`): latencies are per GPU. The network ops
+(attn_allreduce, mlp_allreduce: `Model.run_op` all-reduces hidden[:tokens]) run on the point's
+stream through `TPGroup.comm(num_sms)`, NCCL's CTAs capped at the partition (`comm(None)` on all
+SMs), captured and timed like every other op. Every count that decides how many collectives a
+rank issues (launches per graph, replays) is first agreed between the ranks (the max), so the
+ranks issue identical collective sequences; that agreement also lines the ranks up per point.
 """
 
 from __future__ import annotations
@@ -24,15 +32,17 @@ import torch
 from nfrt import kernels as K
 from nfrt.batch import BatchBuffers, BatchShape, make_batch
 from nfrt.config import BatchComposition, ModelConfig
+from nfrt.gemm_target import enabled as gemm_target_enabled
+from nfrt.gemm_target import sized_for
 from nfrt.kvcache import PAGE_SIZE, KVCache
 from nfrt.model import Model
 from nfrt.partition import make_partitions
-from nfrt.weights import random_weights
+from nfrt.tp import TPGroup, random_shard_weights, shard_config
 
 from nfsearch.bench_measure import ceilings, driver_version
 from nfsearch.errors import NfsearchError
 from nfsearch.profiler.grid import Point, ProfileGrid
-from nfsearch.profiler.run import CoRun, Tick
+from nfsearch.profiler.run import NVLINK_PROBE_MIB, CoRun, Tick
 
 MAX_LAUNCHES = 64  # launches per captured graph (short ops); long ops get fewer, at least 1
 
@@ -66,18 +76,25 @@ class GpuTimer:
 
     def __init__(self, model: ModelConfig, tp: int, grid: ProfileGrid, device: int = 0,
                  rotate_layers: int = 4, kv_pool_bytes: int = 2 << 30, target_us: float = 500.0,
-                 seed: int = 0) -> None:
-        if tp != 1:
-            raise NfsearchError(f"--tp {tp}: profiling collectives needs {tp} GPUs and is not implemented "
-                                "yet; profile --tp 1")
+                 seed: int = 0, group: TPGroup | None = None) -> None:
+        """`group`: this rank's tensor-parallel group (required for tp > 1; its device is used)."""
+        if tp > 1 and (group is None or group.size != tp):
+            got = "none" if group is None else f"one of {group.size} ranks"
+            raise NfsearchError(f"--tp {tp}: the timer needs a tensor-parallel group of {tp} ranks, "
+                                f"got {got}")
+        self.group = group if tp > 1 else None
+        if self.group is not None:
+            device = self.group.device.index
         torch.cuda.set_device(device)
         self.dev = torch.device("cuda", device)
-        self.grid, self.target_us, self.seed = grid, target_us, seed
+        self.tp, self.grid, self.target_us, self.seed = tp, grid, target_us, seed
         self.layers = min(rotate_layers, model.num_layers)
-        cfg = replace(model, num_layers=self.layers)
+        full = replace(model, num_layers=self.layers)
+        cfg = shard_config(full, tp)  # the rank's shard: per-GPU shapes
         self.cfg = cfg
         dtype = torch.bfloat16
-        self.w = random_weights(cfg, seed=seed, device=self.dev, dtype=dtype)
+        rank = self.group.rank if self.group is not None else 0
+        self.w = random_shard_weights(full, rank, tp, seed=seed, device=self.dev, dtype=dtype)
         pages = max(64, kv_pool_bytes // (2 * PAGE_SIZE * cfg.kv_size * 2))
         self.kv = KVCache(self.layers, pages, cfg.num_kv_heads, cfg.head_dim, self.dev, dtype)
         for t in self.kv.k + self.kv.v:
@@ -87,7 +104,8 @@ class GpuTimer:
         self.max_all = max(grid.tokens[-1], inter_t)
         self.max_dec = max(grid.decode_requests[-1], grid.interference_decode[0])
         self.max_pre = max(grid.prefill_tokens[-1], inter_t)
-        self.m = Model(cfg, self.w, max(self.max_all, self.max_dec, self.max_pre), self.kv, self.dev)
+        self.m = Model(cfg, self.w, max(self.max_all, self.max_dec, self.max_pre), self.kv, self.dev,
+                       tp=self.group)
         for name in ("hidden", "residual", "normed", "qkv", "attn_out", "gate_up", "act", "moe_gate_up",
                      "moe_act", "router_logits"):
             if hasattr(self.m, name):
@@ -107,6 +125,49 @@ class GpuTimer:
         self._anchor = (anchor, anchor_x)
         self.props = torch.cuda.get_device_properties(self.dev)
 
+    # ---- tensor parallelism ---------------------------------------------------------------
+    def agree(self, values: list[float]) -> list[float]:
+        """The elementwise max of `values` over the ranks (the values themselves at tp 1). Called
+        on the ordinary stream between timings; every rank calls it at the same points."""
+        if self.group is None:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group.default)
+        return t.tolist()
+
+    def use_comm(self, num_sms: int | None) -> None:
+        """Network ops captured from now on run on the communicator for a stream of `num_sms` SMs
+        (None: all SMs), created and initialised (eagerly, on the ordinary stream) at first use."""
+        if self.group is None:
+            return
+        comm = self.group.comm(num_sms if num_sms and num_sms < self.grid.num_sms else None)
+        if comm is not self.m.comm:
+            probe = torch.ones(8, device=self.dev)
+            self.group.all_reduce(probe, comm)  # NCCL creates the communicator here, not in a capture
+            torch.cuda.synchronize(self.dev)
+            self.m.comm = comm
+
+    def _nvlink_gbps(self) -> float:
+        """All-reduce bus bandwidth (GB/s): 2 (n - 1) / n * bytes / time, median of 10 after 3."""
+        n = self.group.size
+        x = torch.ones(NVLINK_PROBE_MIB << 19, device=self.dev, dtype=torch.bfloat16)  # 2 bytes each
+        times = []
+        for i in range(13):
+            self.group.barrier()
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            ev[0].record()
+            self.group.all_reduce(x, self.group.default)
+            ev[1].record()
+            torch.cuda.synchronize(self.dev)
+            if i >= 3:
+                times.append(ev[0].elapsed_time(ev[1]) * 1e-3)
+            x.fill_(1.0)  # keep the values finite
+        del x
+        torch.cuda.empty_cache()
+        return 2 * (n - 1) / n * (NVLINK_PROBE_MIB << 20) / statistics.median(times) / 1e9
+
     # ---- metadata and ceilings -----------------------------------------------------------
     def stamp(self) -> dict[str, Any]:
         import triton
@@ -124,11 +185,22 @@ class GpuTimer:
                 f"attn_prefill tokens are make_batch chunks of prompts of length `context`. Interference: "
                 f"each op looped in its own CUDA graph (~3 ms), both replayed concurrently for "
                 f"{self.grid.corun_s:g} s on make_layout ranges compute [0, c), memory [top - m, top) "
-                f"after a warm-up co-run (power-capped steady state); solo timed the same way, same stream.")
+                f"after a warm-up co-run (power-capped steady state); solo timed the same way, same stream."
+                + (" GEMMs on a partition of s SMs run through cuBLASLt with SM count target s "
+                   "(nfrt.gemm_target), as in the engine." if gemm_target_enabled() else "")
+                + (f" Tensor parallel over {self.tp} GPUs: each op on the rank's shard (per-GPU shapes); "
+                   f"attn_allreduce / mlp_allreduce are NCCL all-reduces of [tokens, hidden] bf16 on a "
+                   f"communicator capped at the partition's SMs (max 32 CTAs), timed the same way on rank "
+                   f"0, launch and replay counts agreed between the ranks; the network co-runs place "
+                   f"attn_allreduce on the top m SMs and each GEMM or decode attention on [0, c)."
+                   if self.group is not None else ""))
 
     def ceilings(self) -> dict[str, float]:
         peak_tflops, hbm_gbps = ceilings(self.dev)
-        return {"peak_tflops": peak_tflops, "hbm_gbps": hbm_gbps}  # the same GEMM and copy as bench
+        out = {"peak_tflops": peak_tflops, "hbm_gbps": hbm_gbps}  # the same GEMM and copy as bench
+        if self.group is not None:
+            out["nvlink_gbps"] = self._nvlink_gbps()
+        return out
 
     # ---- batches and launchers -----------------------------------------------------------
     def _bind(self, kind: str, context: int) -> BatchBuffers:
@@ -161,9 +233,10 @@ class GpuTimer:
             return lambda i: K.fused_add_rms_norm(m.hidden[:t], m.residual[:t], m.w["final_norm"], m.eps,
                                                   m.normed[:t], False)
         if op == "lm_head":
+            logits = m.logits_local if m.tp is not None else m.logits  # TP: the rank's vocab shard
             def lm_head(i: int) -> None:
                 torch.index_select(m.normed, 0, buf.sample_positions[:t], out=m.sampled[:t])
-                torch.mm(m.sampled[:t], m.w["lm_head"].t(), out=m.logits[:t])
+                torch.mm(m.sampled[:t], m.w["lm_head"].t(), out=logits[:t])
             return lm_head
         return lambda i: m.run_op(i % L, op, 0, t)
 
@@ -174,7 +247,7 @@ class GpuTimer:
         pool per graph stays reserved after the graph dies: thousands of them ran an H100 out of
         memory); graphs that replay concurrently (co-runs) get private pools, so that their
         temporaries cannot alias."""
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), sized_for(stream):  # GEMMs sized for the partition, as the engine
             fn(0)  # eager warm-up on this stream: Triton JIT, cuBLAS workspace, allocator
             g = torch.cuda.CUDAGraph()
             if shared_pool:
@@ -205,6 +278,7 @@ class GpuTimer:
     def _time_point(self, stream, op: str, t: int, c: int, num_sms: int) -> float:
         est = self._est.get((op, t, c))
         est = est * self.grid.num_sms / num_sms if est is not None else self._est.get((op, -1, c), 50.0)
+        est = self.agree([est])[0]  # under TP: the same launch and replay counts on every rank
         n = self._launches(est)
         reps = self.grid.repeats if est * n < 20e3 else max(3, self.grid.repeats // 2)
         g = self._capture(stream, self._launcher(op, t, c), n)
@@ -217,6 +291,7 @@ class GpuTimer:
     def solo(self, num_sms: int, points: list[Point], tick: Tick) -> list[float]:
         parts = make_partitions([num_sms], device=self.dev.index) if num_sms < self.grid.num_sms else None
         stream = parts[0].stream if parts is not None else torch.cuda.Stream(self.dev)
+        self.use_comm(num_sms)
         try:
             out = []
             for op, t, c in points:
@@ -230,9 +305,9 @@ class GpuTimer:
             gc.collect()
             torch.cuda.empty_cache()
 
-    def corun(self, memory_sms: int, compute_sms: int, compute_ops: tuple[str, ...],
-              memory_ops: tuple[str, ...], tick: Tick) -> list[CoRun]:
+    def corun(self, top_sms: int, bottom_sms: int, bottom_ops: tuple[str, ...],
+              top_ops: tuple[str, ...], tick: Tick) -> list[CoRun]:
         """Sustained co-runs on complementary placed partitions (`nfsearch.profiler.corun`)."""
         from nfsearch.profiler.corun import sustained_corun
 
-        return sustained_corun(self, memory_sms, compute_sms, compute_ops, memory_ops, tick)
+        return sustained_corun(self, top_sms, bottom_sms, bottom_ops, top_ops, tick)

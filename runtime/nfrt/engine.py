@@ -18,10 +18,12 @@ import torch
 from nfrt.batch import Batch, BatchBuffers, BatchShape, make_batch, pages_needed
 from nfrt.config import ModelConfig
 from nfrt.errors import NfrtError, ScheduleError
+from nfrt.gemm_target import sized_for
 from nfrt.kvcache import KVCache
 from nfrt.model import NETWORK_OPS, Model, layer_ops
 from nfrt.schedule import Schedule, load_schedule
-from nfrt.weights import Weights, default_dtype, load_hf_weights, random_weights, weight_shapes
+from nfrt.tp import TPGroup, random_shard_weights, shard_config, shard_weights
+from nfrt.weights import Weights, default_dtype, load_hf_weights, weight_shapes
 
 _SHAPE_FIELDS = tuple(f.name for f in fields(ModelConfig) if f.name not in ("name", "max_position"))
 
@@ -62,6 +64,7 @@ class Engine:
         self.streams: list = []
         if self.device.type == "cuda":
             self.streams = self._make_streams(use_partitions)
+        self.comms = self._make_comms(use_partitions)
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -69,23 +72,34 @@ class Engine:
                       weights: None | str | os.PathLike[str] | Weights = None,
                       device: torch.device | str | None = None, seed: int = 0, num_pages: int | None = None,
                       dtype: torch.dtype | None = None, use_partitions: bool = True,
-                      trace: bool = False) -> Engine:
+                      trace: bool = False, tp_group: TPGroup | None = None) -> Engine:
         """Load the schedule, build the model (random weights from `seed`, a HF folder, or a weight
-        dict) and a KV cache (`num_pages`, default: the schedule's synthetic batch plus headroom)."""
+        dict) and a KV cache (`num_pages`, default: the schedule's synthetic batch plus headroom).
+
+        A schedule with tp > 1 runs in every process of a tensor-parallel group (`tp_group`, by
+        default joined from torchrun's environment); each rank holds its shard of the weights
+        (full ones given as a dict or folder are sharded here) and of the KV cache."""
         schedule = (path_or_schedule if isinstance(path_or_schedule, Schedule)
                     else load_schedule(path_or_schedule))
+        meta = schedule.metadata
+        if meta.tp > 1:
+            if tp_group is None:
+                tp_group = TPGroup.from_env(None if device is None else torch.device(device).type)
+            if tp_group.size != meta.tp:
+                raise ScheduleError(f"schedule has tp {meta.tp}, but {tp_group.size} processes were launched")
+            device = tp_group.device
+        else:
+            tp_group = None
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         dtype = dtype or default_dtype(device)
-        meta = schedule.metadata
-        if meta.tp != 1:
-            raise ScheduleError(f"schedule has tp {meta.tp}: this runtime runs one GPU (tp 1) only")
         config = meta.model_config
+        rank, tp = (tp_group.rank, tp_group.size) if tp_group is not None else (0, 1)
         if weights is None:
-            w = random_weights(config, seed=seed, device=device, dtype=dtype)
+            w = random_shard_weights(config, rank, tp, seed=seed, device=device, dtype=dtype)
         elif isinstance(weights, dict):
             w = weights
             for key, shape in weight_shapes(config).items():
@@ -99,14 +113,17 @@ class Engine:
             if diff:
                 raise ScheduleError(f"schedule is for {meta.model}, weights are {found.name} ({diff})")
             config = replace(found, name=meta.model)  # the checkpoint's max_position, the schedule's name
+        if weights is not None and tp > 1:
+            w = shard_weights(w, config, rank, tp)
+        full_config, config = config, shard_config(config, tp)
         num_sms = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
                    else meta.num_sms)  # on the CPU only the model and schema are checked
         schedule.check_compatible(meta.model, num_sms)
         if num_pages is None:
-            synth = make_batch(meta.batch, config.vocab_size)
+            synth = make_batch(meta.batch, full_config.vocab_size)
             num_pages = pages_needed(synth) + len(synth.decodes) + len(synth.prefills) + 16
         kv = KVCache.for_model(config, num_pages, device, dtype)
-        model = Model(config, w, max_tokens=meta.dense_batch, kv_cache=kv, device=device)
+        model = Model(config, w, max_tokens=meta.dense_batch, kv_cache=kv, device=device, tp=tp_group)
         return cls(schedule, model, use_partitions, trace=trace)
 
     def sequential_twin(self) -> Engine:
@@ -172,6 +189,24 @@ class Engine:
         # Every stream on all SMs (or partitions disabled): plain streams.
         return [torch.cuda.Stream(self.device) for _ in s.streams]
 
+    def _make_comms(self, use_partitions: bool) -> list:
+        """Per schedule stream, the process group its network nano-ops use (None: no TP, or a
+        stream without network ops). Lanes count network streams, so no two share a communicator;
+        NCCL's CTAs are capped at the partition the stream is fenced to."""
+        tp = self.model.tp
+        comms: list = [None] * len(self.schedule.streams)
+        if tp is None:
+            return comms
+        parts = {p.name: p for p in self.schedule.partitions}
+        lane = 0
+        for i, st in enumerate(self.schedule.streams):
+            if any(op in NETWORK_OPS for nop in st.nano_ops for op in nop.ops):
+                sms = parts[st.partition].num_sms
+                fenced = self.partitions is not None and sms != self.schedule.metadata.num_sms
+                comms[i] = tp.comm(sms if fenced and use_partitions else None, lane)
+                lane += 1
+        return comms
+
     # ---- batches -------------------------------------------------------------------------
     def prepare(self, batch: Batch) -> None:
         """Copy `batch` into the static buffers (new buffers, and a stale graph, if the shape changed)."""
@@ -232,7 +267,8 @@ class Engine:
         m.embed()
         if self.device.type != "cuda":
             for layer in range(self.config.num_layers):
-                for i, (_, nop) in enumerate(self.order):
+                for i, (si, nop) in enumerate(self.order):
+                    m.comm = self.comms[si]
                     if tr is not None:
                         tr.stamp(tr.slot(layer, i, False))
                     for op in nop.ops:
@@ -259,7 +295,8 @@ class Engine:
                     src = layer - 1 if self.cross[i].prev_layer else layer
                     if src >= 0:
                         stream.wait_event(events[src][i])
-                with torch.cuda.stream(stream):
+                m.comm = self.comms[si]
+                with torch.cuda.stream(stream), sized_for(stream):
                     if tr is not None:  # after the waits: the nano-op's real start
                         tr.stamp(tr.slot(layer, k, False))
                     for op in nop.ops:

@@ -19,6 +19,7 @@ from nfrt.batch import BatchBuffers
 from nfrt.config import ModelConfig
 from nfrt.errors import NfrtError
 from nfrt.kvcache import KVCache
+from nfrt.tp import TPGroup
 from nfrt.weights import Weights
 
 DENSE_OPS = ("input_norm", "qkv_proj", "rope", "kv_append", "attn_decode", "attn_prefill", "o_proj",
@@ -29,9 +30,12 @@ DECODE_OPS = frozenset({"attn_decode"})
 PREFILL_OPS = frozenset({"attn_prefill"})
 
 
-def layer_ops(config: ModelConfig) -> tuple[str, ...]:
-    """The ops of one layer in a valid sequential order."""
-    return MOE_OPS if config.is_moe else DENSE_OPS
+def layer_ops(config: ModelConfig, networked: bool = False) -> tuple[str, ...]:
+    """The ops of one layer in a valid sequential order (`networked`: with the TP all-reduces)."""
+    ops = MOE_OPS if config.is_moe else DENSE_OPS
+    if not networked:
+        return ops
+    return ops[:7] + ("attn_allreduce",) + ops[7:] + ("mlp_allreduce",)  # after o_proj, after the MLP
 
 
 def _grouped_mm_native(x: torch.Tensor) -> bool:
@@ -59,7 +63,9 @@ class Model:
     """Weights, the KV cache and static activation buffers for up to `max_tokens` tokens."""
 
     def __init__(self, config: ModelConfig, weights: Weights, max_tokens: int, kv_cache: KVCache,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, tp: TPGroup | None = None) -> None:
+        """`config` is the shape this process runs: under tensor parallelism (`tp`) a rank's shard
+        (`nfrt.tp.shard_config`) with `weights` sharded to match."""
         if max_tokens <= 0:
             raise NfrtError(f"model: max_tokens must be positive, got {max_tokens}")
         self.config = config
@@ -94,8 +100,13 @@ class Model:
             self.gate_up = buf(t, 2 * c.intermediate_size)
             self.act = buf(t, c.intermediate_size)
         self.batch: BatchBuffers | None = None
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.comm = None  # the process group of the stream issuing network ops (set by the engine)
+        self.vocab_rows = weights["lm_head"].shape[0]  # vocab / tp (padded) under TP, else vocab
         self.sampled = buf(0, c.hidden_size)
         self.logits = buf(0, c.vocab_size)
+        self.logits_local = buf(0, self.vocab_rows)
+        self.logits_ranks = buf(0, self.vocab_rows)
         self._ops = {name: getattr(self, "_" + name) for name in set(DENSE_OPS + MOE_OPS)}
 
     # ---- batch binding -------------------------------------------------------------------
@@ -109,6 +120,10 @@ class Model:
         if self.logits.shape[0] != s:
             self.sampled = torch.zeros(s, self.config.hidden_size, device=self.device, dtype=self.dtype)
             self.logits = torch.zeros(s, self.config.vocab_size, device=self.device, dtype=self.dtype)
+            if self.tp is not None:
+                self.logits_local = torch.zeros(s, self.vocab_rows, device=self.device, dtype=self.dtype)
+                self.logits_ranks = torch.zeros(self.tp.size * s, self.vocab_rows, device=self.device,
+                                                dtype=self.dtype)
 
     def _b(self) -> BatchBuffers:
         if self.batch is None:
@@ -126,7 +141,15 @@ class Model:
         K.fused_add_rms_norm(self.hidden[:t], self.residual[:t], self.w["final_norm"], self.eps,
                              self.normed[:t], False)
         torch.index_select(self.normed[:t], 0, self._b().sample_positions, out=self.sampled)
-        torch.mm(self.sampled, self.w["lm_head"].t(), out=self.logits)
+        if self.tp is None:
+            torch.mm(self.sampled, self.w["lm_head"].t(), out=self.logits)
+            return self.logits
+        # Vocabulary-parallel head: each rank's [samples, vocab/tp] slice, gathered in rank order.
+        torch.mm(self.sampled, self.w["lm_head"].t(), out=self.logits_local)
+        self.tp.all_gather(self.logits_ranks, self.logits_local)  # [tp * samples, vocab/tp]
+        s, v = self.sampled.shape[0], self.config.vocab_size
+        full = self.logits_ranks.view(self.tp.size, s, self.vocab_rows).transpose(0, 1).reshape(s, -1)
+        self.logits.copy_(full[:, :v])
         return self.logits
 
     def forward_sequential(self) -> torch.Tensor:
@@ -134,7 +157,7 @@ class Model:
         t = self._b().num_tokens
         self.embed()
         for layer in range(self.config.num_layers):
-            for op in layer_ops(self.config):
+            for op in layer_ops(self.config, self.tp is not None):
                 self.run_op(layer, op, 0, t)
         return self.tail()
 
@@ -144,6 +167,11 @@ class Model:
         fn = self._ops.get(op)
         if fn is None:
             if op in NETWORK_OPS:
+                if self.tp is not None and start < end:  # at TP = 1 there is nothing to reduce
+                    # hidden holds this rank's partial sums (row-parallel o_proj / down / experts)
+                    s, e = max(0, start), min(end, b.num_tokens)
+                    if s < e:
+                        self.tp.all_reduce(self.hidden[s:e], self.comm)
                 return
             valid = ", ".join(layer_ops(self.config) + NETWORK_OPS)
             raise NfrtError(f"model: unknown op {op!r}; valid: {valid}")

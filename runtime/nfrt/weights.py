@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
 from pathlib import Path
 
 import torch
@@ -57,27 +58,38 @@ def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_weights(config: ModelConfig, seed: int = 0, device: torch.device | str = "cpu",
-                   dtype: torch.dtype | None = None) -> Weights:
-    """Scaled normal init, deterministic per (seed, device type): activations stay O(1) per layer."""
+def tensor_seed(seed: int, name: str) -> int:
+    """Seed of one named tensor: random weights do not depend on which other tensors exist."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
+
+
+def random_tensor(name: str, shape: tuple[int, ...], seed: int = 0, device: torch.device | str = "cpu",
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Tensor `name` of the random weights: scaled normal init, deterministic per (seed, name,
+    device type), so a tensor is the same whichever other tensors are made (TP shards need this)."""
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    out: Weights = {}
-    for name, shape in weight_shapes(config).items():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("input_norm", "post_norm", "final_norm"):
-            mean, std = 1.0, 0.1  # not all ones, so that a dropped norm weight shows in the tests
-        elif leaf == "embed":
-            mean, std = 0.0, 1.0
-        elif leaf == "qkv_bias":
-            mean, std = 0.0, 0.1
-        else:
-            mean, std = 0.0, 1.0 / math.sqrt(shape[-1])  # fan-in scaling
-        t = torch.empty(shape, device=device, dtype=dtype)
-        t.normal_(mean, std, generator=gen)
-        out[name] = t
+    gen.manual_seed(tensor_seed(seed, name))
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("input_norm", "post_norm", "final_norm"):
+        mean, std = 1.0, 0.1  # not all ones, so that a dropped norm weight shows in the tests
+    elif leaf == "embed":
+        mean, std = 0.0, 1.0
+    elif leaf == "qkv_bias":
+        mean, std = 0.0, 0.1
+    else:
+        mean, std = 0.0, 1.0 / math.sqrt(shape[-1])  # fan-in scaling: activations stay O(1) per layer
+    t = torch.empty(shape, device=device, dtype=dtype)
+    t.normal_(mean, std, generator=gen)
+    return t
+
+
+def random_weights(config: ModelConfig, seed: int = 0, device: torch.device | str = "cpu",
+                   dtype: torch.dtype | None = None) -> Weights:
+    """Every tensor of `config` from `random_tensor`."""
+    out = {name: random_tensor(name, shape, seed, device, dtype)
+           for name, shape in weight_shapes(config).items()}
     if config.tie_embeddings:
         out["lm_head"] = out["embed"]
     return out

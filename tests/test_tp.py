@@ -1,0 +1,150 @@
+"""Tensor parallelism on the CPU (gloo): weight shards, the tp-1 reference schedule, and TP = 2 runs
+launched with torchrun that must compute what one process computes with the whole weights."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import close, tiny_config  # noqa: E402
+from nfrt.engine import Engine  # noqa: E402
+from nfrt.errors import ConfigError, NfrtError  # noqa: E402
+from nfrt.schedule import load_schedule, save_schedule  # noqa: E402
+from nfrt.tp import (  # noqa: E402
+    random_shard_weights,
+    shard_config,
+    shard_weights,
+    single_gpu_reference,
+    vocab_shard,
+)
+from nfrt.weights import random_weights  # noqa: E402
+
+WORKER = Path(__file__).resolve().parent / "tp_worker.py"
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])
+def test_random_shards_are_shards_of_random_weights(name):
+    config = tiny_config(name)
+    seed = random.randrange(1000)
+    full = random_weights(config, seed=seed)
+    for rank in range(2):
+        a = random_shard_weights(config, rank, 2, seed=seed)
+        b = shard_weights(full, config, rank, 2)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_sharded_linears_sum_to_the_full_ones():
+    """Column-parallel qkv/gate_up give each rank its heads / intermediate rows; row-parallel o_proj
+    and down give partial products whose sum over ranks is the full product."""
+    config = replace(tiny_config("tiny-llama"), qkv_bias=True)
+    w = random_weights(config, seed=random.randrange(1000))
+    tp = 2
+    shards = [shard_weights(w, config, r, tp) for r in range(tp)]
+    sc = shard_config(config, tp)
+    c = config
+    q, kv = c.q_size, c.kv_size
+    full_qkv = w["layers.0.qkv"]
+    got_q = torch.cat([s["layers.0.qkv"][: sc.q_size] for s in shards])
+    got_k = torch.cat([s["layers.0.qkv"][sc.q_size: sc.q_size + sc.kv_size] for s in shards])
+    got_v = torch.cat([s["layers.0.qkv"][sc.q_size + sc.kv_size:] for s in shards])
+    assert torch.equal(got_q, full_qkv[:q]) and torch.equal(got_k, full_qkv[q: q + kv])
+    assert torch.equal(got_v, full_qkv[q + kv:])
+    bias_q = torch.cat([s["layers.0.qkv_bias"][: sc.q_size] for s in shards])
+    assert torch.equal(bias_q, w["layers.0.qkv_bias"][:q])
+    x = torch.randn(5, c.q_size)
+    qs = sc.q_size
+    partial = sum(x[:, r * qs:(r + 1) * qs] @ shards[r]["layers.0.o_proj"].t() for r in range(tp))
+    close(partial, x @ w["layers.0.o_proj"].t())
+    act = torch.randn(5, c.intermediate_size)
+    i = sc.intermediate_size
+    partial = sum(act[:, r * i:(r + 1) * i] @ shards[r]["layers.0.down"].t() for r in range(tp))
+    close(partial, act @ w["layers.0.down"].t())
+    gate = torch.cat([s["layers.0.gate_up"][:i] for s in shards])
+    assert torch.equal(gate, w["layers.0.gate_up"][: c.intermediate_size])
+
+
+def test_lm_head_pads_the_vocabulary():
+    config = replace(tiny_config("tiny-llama"), vocab_size=251)
+    w = random_weights(config, seed=1)
+    rows = vocab_shard(config, 2)
+    assert rows == 126
+    heads = [shard_weights(w, config, r, 2)["lm_head"] for r in range(2)]
+    assert all(h.shape == (126, config.hidden_size) for h in heads)
+    assert torch.equal(torch.cat(heads)[:251], w["lm_head"])
+    assert not torch.cat(heads)[251:].any()
+
+
+def test_bad_tp_is_named():
+    config = tiny_config("tiny-llama")
+    with pytest.raises(ConfigError, match="num_heads 4"):
+        shard_config(config, 3)
+    with pytest.raises(ConfigError, match="positive integer"):
+        shard_config(config, 0)
+
+
+@pytest.fixture(scope="module")
+def tp2_schedules(tmp_path_factory):
+    pytest.importorskip("ortools")
+    from nfsearch.config import SolveConfig
+    from nfsearch.plan import plan
+
+    out = {}
+    folder = tmp_path_factory.mktemp("tp2")
+    for name in ("tiny-llama", "tiny-mixtral"):
+        r = plan(SolveConfig(model=name, gpu="h200", tp=2, dense_batch=192, workload="const:64:32",
+                             time_limit_s=5))
+        assert any(st.kind == "network" for st in r.schedule.streams) or any(
+            op.kind == "network" for op in r.schedule.layer)
+        out[name] = save_schedule(r.schedule, folder / f"{name}.yaml")
+    return out
+
+
+def test_single_gpu_reference_drops_the_network_ops(tp2_schedules):
+    s = load_schedule(tp2_schedules["tiny-mixtral"])
+    ref = single_gpu_reference(s)
+    assert ref.metadata.tp == 1
+    names = {op.name for op in ref.layer}
+    assert "attn_allreduce" not in names and "mlp_allreduce" not in names
+    post = next(op for op in ref.layer if op.name == "post_norm")
+    assert [d.op for d in post.deps] == ["o_proj"]
+    first = next(op for op in ref.layer if op.name == "input_norm")
+    assert [(d.op, d.prev_layer) for d in first.deps] == [("expert_down", True)]
+
+
+def test_tp_schedule_outside_torchrun_says_how_to_launch(tp2_schedules, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(NfrtError, match="--tp N"):
+        Engine.from_schedule(tp2_schedules["tiny-llama"], device="cpu")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])
+def test_tp2_equals_one_process(name, tp2_schedules, tmp_path):
+    """Two gloo processes, each with its shard, give the logits one process gives with the whole
+    weights (fresh weight and batch seeds), for the searched schedule and its sequential twin."""
+    path = tp2_schedules[name]
+    seed, batch_seed = random.randrange(10_000), random.randrange(10_000)
+    out = tmp_path / "logits.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
+           "--schedule", str(path), "--out", str(out), "--seed", str(seed), "--batch-seed", str(batch_seed)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = torch.load(out)
+    schedule = load_schedule(path)
+    ref_engine = Engine.from_schedule(single_gpu_reference(schedule), device="cpu",
+                                      weights=random_weights(schedule.metadata.model_config, seed=seed))
+    ref = ref_engine.run(ref_engine.synthetic_batch(seed=batch_seed))
+    assert got["nano"].shape == ref.shape == (ref.shape[0], schedule.metadata.model_config.vocab_size)
+    close(got["nano"], ref)
+    close(got["sequential"], ref)
