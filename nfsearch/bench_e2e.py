@@ -14,6 +14,16 @@ the same schedule — the serving forward (the same CUDA graph) replayed back to
 schedule's own batch composition, dense_batch tokens per replay — and their ratio, which is what
 host overhead, padding and the final drain cost.
 
+Where the time goes (`nfrt.loop_stats`, the LLM runs instrumented): iterations, slots and padding
+per batch shape (`dense`, and `decode_only` for the drain) and per phase (ramp-up, steady, drain);
+per shape the medians of the device times of an iteration in the loop (CUDA events: upload, the
+forward's graph replay, sampling + read-back, the device's idle time before the iteration, start to
+start period) and of the host's phases (plan, fill, enqueue, wait, collect). Every iteration's
+numbers go to a CSV beside the record (`<record>-iterations.csv`, columns in
+`nfrt.loop_stats.COLUMNS`). On CUDA, `nvidia-smi` samples the SM clock, power and temperature every
+200 ms meanwhile: their medians during the serving and during the back-to-back forward tell clock
+or thermal drift apart from a heavier batch.
+
 No torch at import time (the CLI registers this on machines without a GPU).
 """
 
@@ -24,7 +34,10 @@ import csv
 import json
 import random
 import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,6 +99,7 @@ def fit_lengths(pairs: list[tuple[int, int]], max_len: int) -> tuple[list[tuple[
 
 
 def run_e2e(args: argparse.Namespace) -> int:
+    from nfrt.atomic import atomic_write_text
     from nfrt.schedule import load_schedule
 
     from nfsearch.bench import record_path, require_cuda, truncate, write_record
@@ -97,6 +111,11 @@ def run_e2e(args: argparse.Namespace) -> int:
     if args.device not in ("cuda", "cpu"):
         raise NfsearchError(f"--device must be cuda or cpu, got {args.device!r}")
     schedule = load_schedule(args.schedule)
+    tp = max(schedule.metadata.tp, getattr(args, "tp", None) or 1)
+    if tp > 1:  # nfrt.LLM serves from one process on one GPU
+        raise NfsearchError(f"--e2e serves on one GPU (tp 1), not tp {tp} ({args.schedule} has tp "
+                            f"{schedule.metadata.tp}): drop --e2e to bench the forward over {tp} GPUs, "
+                            "or plan a tp 1 schedule")
     ran = truncate(schedule, args.layers)
     meta = ran.metadata
     if args.trace:
@@ -118,6 +137,13 @@ def run_e2e(args: argparse.Namespace) -> int:
     m["e2e_over_iteration"] = rec["e2e_over_iteration"] = (
         m["tokens_per_s_per_gpu"] / m["iteration"]["tokens_per_s"])
     default = record_path(args.out, rec)
+    csv_text = rec.pop("iterations_csv_text")
+    csv_path = default.with_name(default.stem + "-e2e-iterations.csv")
+    rec["iterations_csv"] = str(csv_path)
+    try:
+        atomic_write_text(csv_path, csv_text)
+    except OSError as e:
+        raise NfsearchError(f"cannot write {csv_path}: {e.strerror or e}") from None
     path = write_record(rec, default.with_name(default.stem + "-e2e.json"))
     if args.json:
         print(json.dumps(rec, indent=2))
@@ -130,9 +156,20 @@ def measure_e2e(schedule, pairs: list[tuple[int, int]], device: str, seed: int,
                 partitions: bool = True) -> dict[str, Any]:
     """Serve `pairs` through `nfrt.LLM` (random weights) and time the forward alone after."""
     from nfrt.llm import LLM
+
+    llm = LLM(schedule, None, device=device, seed=seed, use_partitions=partitions, instrument=True)
+    monitor = GpuMonitor(llm.device) if device == "cuda" else None
+    try:
+        return _serve(llm, schedule, pairs, seed, monitor)
+    finally:
+        if monitor is not None:
+            monitor.stop({})  # ends nvidia-smi also when serving raised (a no-op after stop)
+
+
+def _serve(llm, schedule, pairs: list[tuple[int, int]], seed: int,
+           monitor: GpuMonitor | None) -> dict[str, Any]:
     from tqdm import tqdm
 
-    llm = LLM(schedule, None, device=device, seed=seed, use_partitions=partitions)
     pairs, cut = fit_lengths(pairs, llm.max_seq_len)
     rng = random.Random(seed + 1)
     vocab = llm.config.vocab_size
@@ -141,6 +178,7 @@ def measure_e2e(schedule, pairs: list[tuple[int, int]], device: str, seed: int,
     total = sum(a + b for a, b in pairs)
     rejected, done_tokens = 0, 0
     bar = tqdm(total=total, desc="e2e", unit="tok", unit_scale=True, file=sys.stderr, disable=None)
+    serve_start = time.time()
     t0 = time.perf_counter()
     for c in llm.stream(prompts, max_new_tokens=news):
         if c.error is not None:
@@ -150,17 +188,149 @@ def measure_e2e(schedule, pairs: list[tuple[int, int]], device: str, seed: int,
         done_tokens += k
         bar.update(k)
     wall = time.perf_counter() - t0
+    serve_end = time.time()
     bar.close()
     stats = llm.stats
+    csv_text = llm.loop.csv_text()
+    it_start = time.time()
     it = llm.time_iteration()
+    windows = {"serving": (serve_start, serve_end), "iteration_level": (it_start, time.time())}
+    gpu = monitor.stop(windows) if monitor is not None else None
     pages_ok = llm.free_pages == llm.usable_pages
+    loop = stats["loop"]
     return {"num_requests": len(pairs), "rejected": rejected, "shortened": cut, "input_tokens":
             sum(a for a, _ in pairs), "output_tokens": sum(b for _, b in pairs), "served_tokens": done_tokens,
             "wall_s": wall, "tokens_per_s_per_gpu": done_tokens / wall / schedule.metadata.tp,
             "iterations": stats["iterations"],
-            "batch_utilization": stats["tokens"] / max(1, stats["iterations"] * llm.shape.dense_batch),
+            "iterations_decode_only": loop["shapes"]["decode_only"]["iterations"],
+            "decode_only_slots": llm.drain.slots if llm.drain is not None else 0,
+            # tokens over the slots the batches computed (dense_batch, or the decode-only shape's)
+            "batch_utilization": stats["tokens"] / max(1, stats["slots"]),
             "kv_pages": llm.num_pages, "prefill_rows": llm.shape.prefill_rows, "pages_free_after": pages_ok,
-            "iteration": it}
+            "first_launch_s": stats.get("first_launch_s"), "iteration": it, "loop": loop, "gpu_clocks": gpu,
+            "iterations_csv_text": csv_text}
+
+
+class GpuMonitor:
+    """`nvidia-smi` sampling SM clock (MHz), power (W) and temperature (C) of one GPU every 200 ms,
+    in a process of its own (nothing in the serving loop); `stop(windows)` ends it and returns the
+    medians per named wall-clock window, or None when nvidia-smi is not there."""
+
+    FIELDS = ("sm_clock_mhz", "power_w", "temperature_c")
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.proc = None
+        self.out = tempfile.TemporaryFile(mode="w+")
+        try:
+            uuid = str(torch.cuda.get_device_properties(device).uuid)
+            which = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+            # line-buffered: a sample written to a file must not sit in nvidia-smi's buffer at the end
+            line = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
+            query = "--query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu"
+            self.proc = subprocess.Popen(
+                [*line, "nvidia-smi", "-i", which, query, "--format=csv,noheader,nounits", "-lms", "200"],
+                stdout=self.out, stderr=subprocess.DEVNULL, text=True)
+        except Exception:  # a diagnostic only: no nvidia-smi, no device uuid -> no samples
+            self.proc = None
+
+    def stop(self, windows: dict[str, tuple[float, float]]) -> dict[str, Any] | None:
+        if self.proc is None:
+            if not self.out.closed:
+                self.out.close()
+            return None
+        proc, self.proc = self.proc, None
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self.out.seek(0)
+        text = self.out.read()
+        self.out.close()
+        return self.parse(text, windows)
+
+    @classmethod
+    def parse(cls, text: str, windows: dict[str, tuple[float, float]]) -> dict[str, Any]:
+        """Medians of the nvidia-smi lines (`timestamp, clock, power, temperature`) in each window."""
+        from datetime import datetime as dt
+
+        samples = []
+        for line in text.splitlines():
+            parts = [p.strip() for p in line.split(",")]
+            try:
+                t = dt.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()  # local time, as time.time()
+            except ValueError:
+                continue
+            samples.append((t, *(_number(p) for p in (parts + [""] * 3)[1:4])))
+        out: dict[str, Any] = {}
+        for name, (a, b) in windows.items():
+            inside = [x for x in samples if a <= x[0] <= b]
+            out[name] = {"samples": len(inside)}
+            for i, f in enumerate(cls.FIELDS):
+                v = sorted(x[i + 1] for x in inside if x[i + 1] is not None)
+                out[name][f] = v[len(v) // 2] if v else None
+        return out
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:  # "[N/A]", "[Not Supported]"
+        return None
+
+
+def _ms(us: float | None) -> str:
+    return "-" if us is None else f"{us / 1e3:.3f}"
+
+
+def format_loop(rec: dict[str, Any]) -> list[str]:
+    """The loop's breakdown: padding per phase, then per shape the medians of an iteration."""
+    loop, it = rec["loop"], rec["iteration"]
+    ph = loop["phases"]
+    lines = ["padding slots (of slots computed): " + ", ".join(
+        f"{p.replace('_', '-')} {ph[p]['padding']} of {ph[p]['slots']} ({ph[p]['iterations']} iterations)"
+        for p in ("ramp_up", "steady", "drain"))]
+    shapes = [(n, d) for n, d in loop["shapes"].items() if d["iterations"] and "median_us" in d]
+    if not shapes:
+        return lines
+    head = f"{'per iteration, median ms':<44}" + "".join(
+        f"{n.replace('_', '-') + ' (' + str(d['iterations']) + ')':>22}" for n, d in shapes)
+    lines.append(head)
+    rows = [("device: start-to-start period", "period"), ("  upload (3 copies + id gather)", "upload"),
+            ("  forward (graph replay)", "forward"), ("  sampling + read-back", "sample"),
+            ("  idle before it (nothing queued)", "idle"), ("host: plan (scheduler)", "plan"),
+            ("  fill (pinned staging)", "fill"), ("  enqueue (upload, replay, sampling)", "enqueue"),
+            ("  wait (for its sampled ids)", "wait"), ("  collect (tokens, caller)", "collect")]
+    for label, key in rows:
+        lines.append(f"{label:<44}" + "".join(f"{_ms(d['median_us'][key]):>22}" for _, d in shapes))
+    dense = loop["shapes"]["dense"]
+    if dense["iterations"] and dense.get("total_s", {}).get("forward") is not None:
+        t = dense["total_s"]
+        lines.append(f"dense forward in the loop vs back to back on the schedule's batch: "
+                     f"{_ms(dense['median_us']['forward'])} vs {it['forward_us'] / 1e3:.3f} ms; "
+                     f"device idle in total {sum(d['total_s']['idle'] or 0 for _, d in shapes):.3f} s; "
+                     f"device span {loop['device_span_s'] or 0:.2f} s of the wall's {rec['wall_s']:.2f} s "
+                     f"(first launch after {rec['first_launch_s'] or 0:.3f} s)")
+        c = dense["median_counts"]
+        lines.append(f"dense batch make-up, median: decode slots {c['decode_slot_decodes']:.0f} decodes + "
+                     f"{c['decode_slot_prompt']:.0f} prompt tokens; prefill region "
+                     f"{c['prefill_decodes']:.0f} decode runs + {c['prefill_prompt']:.0f} prompt tokens; "
+                     f"attention reads: decode contexts {c['decode_context_sum']:.0f} "
+                     f"(schedule's batch {it.get('decode_context_sum', 0)}), prefill positions "
+                     f"{c['prefill_position_sum']:.0f} ({it.get('prefill_position_sum', 0)})")
+        g = rec.get("gpu_clocks")
+        if g:
+            lines.append("GPU, medians while serving / during the back-to-back forward: " + ", ".join(
+                f"{k} {g['serving'][k]} / {g['iteration_level'][k]}" for k in GpuMonitor.FIELDS))
+        f = loop["dense_forward_median_us"]
+        lines.append(f"dense forward, iterations with decode runs in the prefill region "
+                     f"({f['iterations_with']}): {_ms(f['prefill_decode_runs'])} ms, without "
+                     f"({f['iterations_without']}): {_ms(f['no_prefill_decode_runs'])} ms; "
+                     f"dense forwards in total {t['forward']:.2f} s")
+    return lines
 
 
 def format_e2e(rec: dict[str, Any], path: Path | None = None) -> str:
@@ -169,11 +339,15 @@ def format_e2e(rec: dict[str, Any], path: Path | None = None) -> str:
              f"{rec['num_requests']} requests ({rec['rejected']} rejected, {rec['shortened']} shortened), "
              f"{rec['input_tokens']} input + {rec['output_tokens']} output tokens",
              f"end to end: {rec['wall_s']:.2f} s, {rec['tokens_per_s_per_gpu']:.0f} tokens/s per GPU, "
-             f"{rec['iterations']} iterations, batch utilization {rec['batch_utilization']:.3f}",
+             f"{rec['iterations']} iterations ({rec['iterations_decode_only']} decode-only of "
+             f"{rec['decode_only_slots']} slots), batch utilization {rec['batch_utilization']:.3f}",
              f"iteration level (same schedule, forward replayed back to back, decode context "
              f"{it['decode_context']}): {it['forward_us'] / 1e3:.3f} ms, {it['tokens_per_s']:.0f} tokens/s "
              f"per GPU",
-             f"end to end / iteration level: {rec['e2e_over_iteration']:.3f}"]
+             f"end to end / iteration level: {rec['e2e_over_iteration']:.3f}",
+             *format_loop(rec)]
+    if rec.get("iterations_csv"):
+        lines.append(f"per iteration: {rec['iterations_csv']}")
     if path is not None:
         lines.append(f"record: {path}")
     return "\n".join(lines)

@@ -47,12 +47,117 @@ def test_greedy_equals_transformers_generate(name, tiny_checkpoint):
     outs = llm.generate(prompts, max_new_tokens=news)
     assert llm.free_pages == llm.usable_pages
     assert llm.stats["iterations"] < sum(news)  # requests really ran concurrently
+    assert llm.stats["loop"]["shapes"]["decode_only"]["iterations"] > 0  # the drain's shape ran too
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     for p, n, got in zip(prompts, news, outs, strict=True):
         ids = torch.tensor([p])
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                           do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
         assert got == ref
+
+
+def test_drain_shape_and_instrumentation():
+    from nfrt.loop_stats import COLUMNS
+
+    seed = int(torch.randint(0, 1000, ()))
+    llm = make_llm("tiny-llama", seed=seed, instrument=True)
+    assert llm.drain is not None and llm.drain.slots == COMP.decode_tokens
+    gen = torch.Generator().manual_seed(seed)
+    n = 20
+    lengths = torch.randint(1, 30, (n,), generator=gen).tolist()
+    news = torch.randint(1, 16, (n,), generator=gen).tolist()
+    prompts = prompts_of(lengths, seed=seed)
+    outs = llm.generate(prompts, max_new_tokens=news)
+    assert llm.free_pages == llm.usable_pages
+    plain = make_llm("tiny-llama", seed=seed, drain_shape=False)
+    assert plain.drain is None
+    assert plain.generate(prompts, max_new_tokens=news) == outs  # the drain's shape changes no token
+
+    st, loop = llm.stats, llm.stats["loop"]
+    rows = llm.loop.rows
+    shapes, phases = loop["shapes"], loop["phases"]
+    assert st["tokens"] == sum(lengths) + sum(news) - n  # every position fed once (the last token never)
+    assert st["iterations"] == len(rows["iteration"]) == rows["iteration"][-1] + 1
+    assert sum(d["iterations"] for d in shapes.values()) == sum(d["iterations"] for d in phases.values()) \
+        == st["iterations"]
+    assert sum(d["slots"] for d in shapes.values()) == st["slots"]
+    for name, d in phases.items():
+        assert 0 <= d["padding"] == d["slots"] - d["tokens"]
+        mine = [i for i, p in enumerate(rows["phase"]) if p == name]
+        assert d["tokens"] == sum(rows["tokens"][i] for i in mine)
+    assert phases["drain"]["iterations"] == shapes["decode_only"]["iterations"] > 0
+    # the drain's iterations are decode-only and come last
+    first = rows["shape"].index("decode_only")
+    assert set(rows["shape"][first:]) == {"decode_only"} and set(rows["phase"][first:]) == {"drain"}
+    last = len(rows["shape"])
+    assert all(rows["prefill_decodes"][i] == rows["prefill_prompt"][i] == 0 for i in range(first, last))
+    for i in range(last):  # the make-up adds up to the batch
+        made_of = (rows["decode_slot_decodes"][i] + rows["decode_slot_prompt"][i] + rows["prefill_decodes"][i]
+                   + rows["prefill_prompt"][i])
+        assert rows["tokens"][i] == made_of <= rows["slots"][i]
+    for h in ("plan", "fill", "enqueue", "wait", "collect"):  # host times: every iteration, sane
+        v = rows[f"{h}_us"]
+        assert all(0 <= x < 60e6 for x in v), h
+        assert shapes["dense"]["median_us"][h] >= 0 and shapes["decode_only"]["median_us"][h] >= 0
+    assert shapes["dense"]["median_us"]["forward"] is None  # device events: CUDA only
+    text = llm.loop.csv_text().splitlines()
+    assert text[0] == ",".join(COLUMNS) and len(text) == st["iterations"] + 1
+    quiet = make_llm("tiny-llama", seed=seed)  # not instrumented: counts only
+    quiet.generate(prompts[:3], max_new_tokens=news[:3])
+    assert "median_us" not in quiet.stats["loop"]["shapes"]["dense"] and not quiet.loop.rows["iteration"]
+
+
+def test_device_times_from_events(monkeypatch):
+    """The event arithmetic of nfrt.loop_stats, on fake CUDA events stamped from a fake clock."""
+    import math
+
+    from nfrt.loop_stats import LoopStats
+    from nfrt.scheduler import Item, Plan, Request
+
+    clock = [0.0]
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = clock[0]
+
+        def elapsed_time(self, end):  # ms, as torch.cuda.Event
+            if self.t is None or end.t is None:
+                raise RuntimeError("event not recorded")
+            return end.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 1000, ())))
+    loop = LoopStats(instrument=True, cuda=True)
+    r = Request(0, (1, 2, 3), 4)
+    want = []
+    for k in range(5):
+        up, fwd, smp, idle = (torch.rand(4, generator=gen) * 10).tolist()
+        clock[0] += idle
+        row = loop.add(Plan(k, (Item(r, 3 + k, 1, 0),), ()), "dense", 4)
+        ev = loop.events(row)
+        for e, dt in zip(ev, (up, fwd, smp, 0.0), strict=True):
+            e.record()
+            clock[0] += dt
+        want.append((up, fwd, smp, idle))
+    loop.events(loop.add(Plan(5, (Item(r, 8, 1, 0),), ()), "dense", 4))  # launched, never recorded
+    loop.read_device()
+    rows = loop.rows
+    for k, (up, fwd, smp, idle) in enumerate(want):
+        got = (rows["upload_us"][k], rows["forward_us"][k], rows["sample_us"][k])
+        assert got == pytest.approx((up * 1e3, fwd * 1e3, smp * 1e3))
+        if k:
+            assert rows["idle_us"][k] == pytest.approx(idle * 1e3)
+            assert rows["period_us"][k - 1] == pytest.approx((sum(want[k - 1][:3]) + idle) * 1e3)
+    assert math.isnan(rows["idle_us"][0]) and math.isnan(rows["period_us"][4])
+    assert math.isnan(rows["forward_us"][5])  # the unrecorded iteration is skipped, not an error
+    summary = loop.summary()["shapes"]["dense"]
+    assert summary["total_s"]["forward"] == pytest.approx(sum(w[1] for w in want) * 1e-3)
+    assert summary["iterations"] == 6
+    span = sum(sum(w[:3]) for w in want) + sum(w[3] for w in want[1:])
+    assert loop.summary()["device_span_s"] == pytest.approx(span * 1e-3)
 
 
 def test_bad_input_is_refused_before_anything_runs():
@@ -198,4 +303,34 @@ def test_bench_e2e_on_cpu(tmp_path, capsys):
     assert rec["num_requests"] == 3 and rec["served_tokens"] == 38 and rec["pages_free_after"]
     assert rec["tokens_per_s_per_gpu"] > 0 and rec["iteration"]["tokens_per_s"] > 0
     assert list((tmp_path / "runs").glob("*-e2e.json"))
+    loop = rec["loop"]
+    assert rec["iterations"] == sum(d["iterations"] for d in loop["phases"].values())
+    assert rec["iterations_decode_only"] == loop["shapes"]["decode_only"]["iterations"] > 0
+    assert 0 < rec["batch_utilization"] <= 1 and rec["decode_only_slots"] == COMP.decode_tokens
+    assert loop["shapes"]["dense"]["median_us"]["plan"] > 0
+    lines = (tmp_path / "runs" / rec["iterations_csv"].split("/")[-1]).read_text().splitlines()
+    assert len(lines) == rec["iterations"] + 1 and lines[0].startswith("iteration,shape,phase")
+    assert main(["bench", "--e2e", "--schedule", str(path), "--trace", str(trace), "--device", "cpu",
+                 "--out", str(tmp_path / "runs")]) == 0
+    table = capsys.readouterr().out
+    assert "padding slots" in table and "decode-only" in table and "fill (pinned staging)" in table
+    for d in loop["shapes"].values():  # the CUDA-only lines, on made-up device times
+        for key in ("upload", "forward", "sample", "idle", "period"):
+            d["median_us"][key] = d["total_s"][key] = 1.5
+    loop["device_span_s"] = 0.5
+    loop["dense_forward_median_us"]["prefill_decode_runs"] = 1.5
+    from datetime import datetime
+
+    base = datetime(2026, 11, 21, 10, 0, 0)
+    lines = [f"{base.replace(second=i).strftime('%Y/%m/%d %H:%M:%S')}.250, {1980 - 10 * i}, "
+             f"{'[N/A]' if i == 3 else 600 + i}, {60 + i}" for i in range(8)]
+    smi = "\n".join(lines) + "\nNo devices were found\n"
+    t0 = base.timestamp()
+    gpu = bench_e2e.GpuMonitor.parse(smi, {"serving": (t0, t0 + 4.9), "iteration_level": (t0 + 5, t0 + 9)})
+    assert gpu["serving"] == {"samples": 5, "sm_clock_mhz": 1960.0, "power_w": 602.0, "temperature_c": 62.0}
+    assert gpu["iteration_level"]["samples"] == 3 and gpu["iteration_level"]["sm_clock_mhz"] == 1920.0
+    rec["gpu_clocks"] = gpu
+    cuda_table = bench_e2e.format_e2e(rec)
+    assert "sm_clock_mhz 1960.0 / 1920.0" in cuda_table
+    assert "dense forward in the loop vs back to back" in cuda_table and "attention reads" in cuda_table
     assert main(["bench", "--e2e", "--schedule", str(path), "--num-requests", "0", "--device", "cpu"]) == 2

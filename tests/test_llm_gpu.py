@@ -42,13 +42,16 @@ def test_greedy_matches_transformers(name, tiny_checkpoint, monkeypatch):
         monkeypatch.setattr(nfrt.kernels, "_triton", {})  # the reference kernels, on CUDA
     folder = tiny_checkpoint(name, seed=6)
     llm = make_llm(name, folder, prefill_rows=4)
-    graph = llm.engine.graph
+    graph, drain_graph = llm.engine.graph, llm.drain.engine.graph
+    assert drain_graph is not None
     gen = torch.Generator().manual_seed(int(torch.randint(0, 1000, ())))
     lengths = torch.randint(1, 90, (24,), generator=gen).tolist()
     news = torch.randint(1, 24, (24,), generator=gen).tolist()
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in lengths]
     outs = llm.generate(prompts, max_new_tokens=news)
     assert llm.engine.graph is graph and llm.graph  # captured once, replayed for every batch mix
+    assert llm.drain.engine.graph is drain_graph  # the drain's decode-only graph: also captured once
+    assert llm.stats["loop"]["shapes"]["decode_only"]["iterations"] > 0
     assert llm.free_pages == llm.usable_pages
     eager = make_llm(name, folder, prefill_rows=4, cuda_graph=False)
     assert eager.generate(prompts, max_new_tokens=news) == outs  # the graph replays the eager forward
@@ -69,3 +72,28 @@ def test_greedy_matches_transformers(name, tiny_checkpoint, monkeypatch):
         gap = (logits[ref[j]] - logits[got[j]]).abs().item()
         assert gap <= TIE_REL * logits.abs().max().item(), f"request diverges at {j} with gap {gap}"
     assert exact >= len(prompts) // 2
+
+
+def test_instrumented_loop_reads_device_times():
+    import math
+
+    llm = make_llm("tiny-llama", None, instrument=True)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 1000, ())))
+    lengths = torch.randint(1, 90, (40,), generator=gen).tolist()
+    news = torch.randint(1, 24, (40,), generator=gen).tolist()
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in lengths]
+    outs = llm.generate(prompts, max_new_tokens=news)
+    assert [len(o) for o in outs] == news and llm.free_pages == llm.usable_pages
+    rows, shapes = llm.loop.rows, llm.stats["loop"]["shapes"]
+    n = len(rows["iteration"])
+    assert n == llm.stats["iterations"] and shapes["decode_only"]["iterations"] > 0
+    for i in range(n):
+        assert rows["forward_us"][i] > 0 and rows["upload_us"][i] >= 0 and rows["sample_us"][i] >= 0
+        if i:
+            assert rows["idle_us"][i] >= 0
+        if i < n - 1:  # start to start covers the iteration's own device work
+            busy = rows["upload_us"][i] + rows["forward_us"][i] + rows["sample_us"][i]
+            assert rows["period_us"][i] >= busy - 1.0
+    assert math.isnan(rows["period_us"][-1]) and math.isnan(rows["idle_us"][0])
+    for d in shapes.values():
+        assert d["median_us"]["forward"] > 0 and d["total_s"]["forward"] > 0

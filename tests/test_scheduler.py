@@ -107,3 +107,43 @@ def test_never_fitting_requests_are_rejected_with_reason():
     too_big = Scheduler(alloc, 2, 2, 6, 2, max_seq_len=100).add(Request(4, tuple(range(40)), 1))
     assert "3 pages of 16" in too_big and "has 2" in too_big
     assert sched.add(Request(5, (1,), 1)) is None
+
+
+@pytest.mark.parametrize("drain_slots", [0, 2, 4])
+def test_drain_plans_are_decode_only_once_no_prompt_is_left(drain_slots):
+    rng = random.Random(drain_slots + 11)
+    alloc = PageAllocator(60, page_size=4)
+    sched = Scheduler(alloc, 60, decode_slots=4, prefill_tokens=10, prefill_rows=3, max_seq_len=160,
+                      drain_slots=drain_slots)
+    reqs = make(40, rng, prompt=(1, 20), new=(1, 14))
+    seen = {"drain": 0, "decode_only": 0, "before_drain": 0}
+    last_served: dict[int, int] = {}
+
+    def check(plan):
+        # sched.running/waiting now hold the state after planning; a drain plan had nothing to prefill
+        if plan.drain:
+            seen["drain"] += 1
+            assert not sched.waiting and not any(r.prefilling for r in sched.running)
+            assert all(i.start >= i.request.prompt_len for i in plan.decode + plan.prefill)
+        else:
+            seen["before_drain"] += 1
+            assert seen["drain"] == 0  # requests arrive only at the start: no way back from the drain
+        assert plan.decode_only == (plan.drain and drain_slots > 0)
+        if plan.decode_only:
+            seen["decode_only"] += 1
+            assert not plan.prefill and 1 <= len(plan.decode) <= drain_slots
+            assert [i.sample_row for i in plan.decode] == list(range(len(plan.decode)))
+            # least recently served first: nobody served here was passed over for a later-served one
+            served = {i.request.index for i in plan.decode}
+            passed_over = [r for r in sched.running if r.index not in served]
+            waiting_longest = min((last_served.get(r.index, -1) for r in passed_over), default=None)
+            if waiting_longest is not None:
+                assert all(last_served.get(i, -1) <= waiting_longest for i in served)
+        for i in plan.decode + plan.prefill:
+            last_served[i.request.index] = plan.iteration
+
+    simulate(sched, reqs, check)
+    assert [len(r.outputs) for r in reqs] == [r.max_new_tokens for r in reqs]
+    assert alloc.free_pages == 60 and sched.committed_pages == 0
+    assert seen["drain"] > 0 and seen["before_drain"] > 0
+    assert seen["decode_only"] == (seen["drain"] if drain_slots else 0)

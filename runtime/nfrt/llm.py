@@ -9,7 +9,13 @@ The loop per iteration k: the scheduler plans k (`nfrt.scheduler`), the host fil
 and enqueues the upload, the forward (one CUDA-graph replay of the fixed-shape batch) and the
 sampling; only then does it wait for iteration k - 1's sampled ids and hand finished requests to
 the caller. So the host plans k + 1 while the device runs k, and tokens that k + 1 feeds back are
-gathered on the device (`nfrt.staging`).
+gathered on the device (`nfrt.staging`). Nothing else in the loop waits for the device.
+
+Two shapes, each captured once: `dense` (the schedule's batch) and, for the drain (no request
+waiting or in its prompt), `decode_only`: the decode slots alone, run by the schedule's model
+through a one-stream sequential schedule of that size, so the drain does not compute an idle
+prefill region. `LLM.stats` counts tokens, slots and padding per shape and phase;
+`instrument=True` also times every iteration (`nfrt.loop_stats`).
 """
 
 from __future__ import annotations
@@ -18,15 +24,17 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 import torch
 
+from nfrt.config import BatchComposition
 from nfrt.engine import Engine
 from nfrt.errors import NfrtError
 from nfrt.kvcache import PAGE_SIZE, KVCache
+from nfrt.loop_stats import LoopStats, Stopwatch
 from nfrt.sampling import SamplingParams, request_key, sample
 from nfrt.schedule import Schedule
 from nfrt.scheduler import Item, Plan, Request, Scheduler
@@ -56,6 +64,19 @@ class RejectedError(NfrtError):
         self.errors = errors
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """One batch shape the loop runs: its engine (graph) and its static batch."""
+
+    name: Literal["dense", "decode_only"]
+    engine: Engine
+    static: StaticBatch
+
+    @property
+    def slots(self) -> int:
+        return self.static.shape.dense_batch
+
+
 def default_prefill_rows(prefill_tokens: int) -> int:
     """Runs allowed in the prefill region: enough for a few prompts plus overflowing decodes, few
     enough that the LM head over the sample rows stays a small part of the iteration."""
@@ -69,6 +90,8 @@ class LLM:
     `num_pages`: KV pages; default on CUDA: what is left after weights, buffers and the measured
     transient memory of one forward: `kv_memory_fraction` of the free device memory; on the CPU 1 GiB
     at most. `max_seq_len`: the longest prompt + output (default: the model's max_position).
+    `drain_shape`: run the drain in the decode-only shape (see the module docstring).
+    `instrument`: log every iteration's host and device times (`nfrt.loop_stats`; `self.loop`).
     """
 
     def __init__(self, schedule: str | os.PathLike[str] | Schedule, weights: None | str | os.PathLike[str] |
@@ -76,7 +99,7 @@ class LLM:
                  dtype: torch.dtype | None = None, seed: int = 0, num_pages: int | None = None,
                  max_seq_len: int | None = None, prefill_rows: int | None = None,
                  kv_memory_fraction: float = 0.9, cuda_graph: bool = True,
-                 use_partitions: bool = True) -> None:
+                 use_partitions: bool = True, drain_shape: bool = True, instrument: bool = False) -> None:
         if not 0 < kv_memory_fraction <= 1:
             raise NfrtError(f"LLM: kv_memory_fraction must be in (0, 1], got {kv_memory_fraction}")
         if num_pages is not None and num_pages < 2:
@@ -97,6 +120,8 @@ class LLM:
         self.shape = ServingShape(meta.dense_batch, meta.batch.decode_tokens, rows,
                                   math.ceil(max_seq_len / PAGE_SIZE))
         self.static = StaticBatch(self.shape, self.device, PAGE_SIZE, scratch_page=0)
+        # Sampled ids by iteration parity, shared by both shapes (the dense one has the most rows),
+        # so an iteration gathers its fed-back tokens whichever shape ran the one before.
         s = self.shape.num_samples
         self.sampled = [torch.zeros(s, dtype=torch.int64, device=self.device) for _ in range(2)]
         self.host_out = [torch.zeros(s, dtype=torch.int64, pin_memory=self.cuda) for _ in range(2)]
@@ -104,34 +129,66 @@ class LLM:
         eng.bind(self.static.buffers)
         self.kv = eng.model.kv
         self.kv.allocator.ensure(SCRATCH_SEQ, 1)
-        transient = self._warmup()
+        self.instrument = instrument
+        self.loop = LoopStats()  # the last stream's accounting
+        self.dense = _Shape("dense", eng, self.static)
+        transient = self._warmup(self.dense)
+        self.drain: _Shape | None = None  # the decode-only shape, when there is a prefill region to skip
+        drain_transient = 0
+        if drain_shape and self.shape.decode_slots and self.shape.prefill_tokens:
+            dshape = self.shape.decode_only()
+            self.drain = _Shape("decode_only", self._decode_only_engine(dshape.dense_batch),
+                                StaticBatch(dshape, self.device, PAGE_SIZE, scratch_page=0))
+            self.drain.engine.bind(self.drain.static.buffers)
+            drain_transient = self._warmup(self.drain)
+            eng.bind(self.static.buffers)  # the model's logits at the dense size while the cache is sized
         dtype = eng.model.dtype
         if num_pages is None:
-            num_pages = self._pages_for_memory(transient, kv_memory_fraction, dtype)
+            num_pages = self._pages_for_memory(transient, drain_transient, kv_memory_fraction, dtype)
         self.kv = eng.model.kv = KVCache.for_model(self.config, num_pages, self.device, dtype)
         if self.kv.allocator.ensure(SCRATCH_SEQ, 1) != [0]:
             raise NfrtError("LLM: the scratch page must be page 0")
         self.graph = False
+        self._graph_outputs: list[tuple[torch.Tensor, ...]] = []
         if self.cuda and cuda_graph:
-            eng.capture()  # the one graph: every iteration has the same shape
+            for shape in (self.dense, self.drain):  # one graph per shape, captured once
+                if shape is not None:
+                    self._capture(shape)
             self.graph = True
         self._busy = False
-        self.stats: dict[str, float] = {}
+        self.stats: dict = {}
 
-    # ---- sizing ---------------------------------------------------------------------------------
-    def _warmup(self) -> int:
+    # ---- shapes and sizing -----------------------------------------------------------------------
+    def _decode_only_engine(self, slots: int) -> Engine:
+        """The schedule's model over a one-stream sequential schedule of `slots` decode tokens
+        (every op on all of them, all SMs): the drain's engine. It shares the weights, the KV cache
+        and the activation buffers (the two shapes never run at once: one stream)."""
+        meta = self.engine.schedule.metadata
+        comp = BatchComposition(slots, slots, 0, meta.batch.decode_context, 0)
+        seq = Schedule.sequential(replace(meta, dense_batch=slots, batch=comp), self.engine.schedule.layer)
+        return Engine(seq, self.engine.model, use_partitions=False)
+
+    def _capture(self, shape: _Shape) -> None:
+        m = self.engine.model
+        shape.engine.bind(shape.static.buffers)  # sizes the model's sample/logit buffers for the shape
+        shape.engine.capture()
+        # The graph writes into these; the next bind replaces the model's references, so keep them.
+        self._graph_outputs.append((m.sampled, m.logits, m.logits_local, m.logits_ranks))
+
+    def _warmup(self, shape: _Shape) -> int:
         """One padding-only iteration (compiles kernels); returns its transient device bytes."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
-        self._launch(None, 0, graph=False)
+        self._launch(None, 0, shape, graph=False)
         if not self.cuda:
             return 0
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device) - base
 
-    def _pages_for_memory(self, transient: int, fraction: float, dtype: torch.dtype) -> int:
+    def _pages_for_memory(self, transient: int, drain_transient: int, fraction: float,
+                          dtype: torch.dtype) -> int:
         per_page = KVCache.bytes_per_page(self.config, dtype)
         if not self.cuda:
             return max(2, min(CPU_KV_BUDGET_BYTES // per_page, 64 * self.shape.pages_per_seq + 1))
@@ -139,8 +196,8 @@ class LLM:
         free, _ = torch.cuda.mem_get_info(self.device)
         # A fraction of the memory that is free now (other allocations in this process, such as
         # another engine, are not ours to count), less what the graph's private pool and the
-        # sampling ops need: about one forward's transient memory each.
-        budget = fraction * free - 2 * transient
+        # sampling ops need: about one forward's transient memory each (and the drain graph's pool).
+        budget = fraction * free - 2 * transient - drain_transient
         pages = int(budget // per_page)
         if pages < 2:
             raise NfrtError(f"LLM: no device memory left for the KV cache ({free / 2**30:.2f} GiB free, "
@@ -162,25 +219,44 @@ class LLM:
         return self.kv.allocator.free_pages
 
     # ---- one iteration --------------------------------------------------------------------------
-    def _launch(self, plan: Plan | None, iteration: int, graph: bool | None = None) -> None:
-        """Stage `plan` and enqueue upload, forward, sampling and the read-back (no host wait)."""
+    def _launch(self, plan: Plan | None, iteration: int, shape: _Shape, graph: bool | None = None,
+                row: int | None = None) -> None:
+        """Stage `plan` and enqueue upload, forward, sampling and the read-back (no host wait).
+        `row`: the plan's row in `self.loop` when instrumented."""
         which = iteration % 2
-        sampling = self.static.fill(plan, self.kv.allocator.pages, which)
-        self.static.upload(which, self.sampled[1 - which])
+        watch = Stopwatch() if row is not None else None
+        sampling = shape.static.fill(plan, self.kv.allocator.pages, which)
+        if watch is not None:
+            self.loop.host(row, "fill", watch.lap())
+        ev = self.loop.events(row)  # e0..e3 around upload, forward, sampling (None: not timed)
+        if ev is not None:
+            ev[0].record()
+        shape.static.upload(which, self.sampled[1 - which])
+        if ev is not None:
+            ev[1].record()
         use_graph = self.graph if graph is None else graph
-        logits = self.engine.replay() if use_graph else self.engine.run()
-        d = self.static.dev
-        sample(logits, d["temperature"], d["top_p"], d["keys"], d["steps"], self.sampled[which],
-               greedy_only=not sampling)
+        logits = shape.engine.replay() if use_graph else shape.engine.run()
+        if ev is not None:
+            ev[2].record()
+        d = shape.static.dev
+        out = self.sampled[which][: shape.static.shape.num_samples]
+        sample(logits, d["temperature"], d["top_p"], d["keys"], d["steps"], out, greedy_only=not sampling)
         self.host_out[which].copy_(self.sampled[which], non_blocking=self.cuda)
+        if ev is not None:
+            ev[3].record()
         if self.cuda:
             self.events[which].record()
+        if watch is not None:
+            self.loop.host(row, "enqueue", watch.lap())
 
-    def _collect(self, plan: Plan) -> Iterator[Completion]:
+    def _collect(self, plan: Plan, row: int | None = None) -> Iterator[Completion]:
         """Wait for `plan`'s sampled ids; append them; yield the requests that finished."""
         which = plan.iteration % 2
+        watch = Stopwatch() if row is not None else None
         if self.cuda:
             self.events[which].synchronize()
+        if watch is not None:
+            self.loop.host(row, "wait", watch.lap())
         tokens = self.host_out[which].tolist()
         for it in plan.decode + plan.prefill:
             if it.sample_row < 0:
@@ -191,6 +267,8 @@ class LLM:
                 r.pending = None
             if r.done:
                 yield Completion(r.index, tuple(r.outputs), "length")
+        if watch is not None:
+            self.loop.host(row, "collect", watch.lap())
 
     # ---- public API -----------------------------------------------------------------------------
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 16,
@@ -255,32 +333,45 @@ class LLM:
         self._busy = True
         s = self.shape
         sched = Scheduler(self.kv.allocator, self.usable_pages, s.decode_slots, s.prefill_tokens,
-                          s.prefill_rows, self.max_seq_len)
-        stats = {"iterations": 0, "tokens": 0, "start_s": time.perf_counter()}
+                          s.prefill_rows, self.max_seq_len,
+                          drain_slots=self.drain.slots if self.drain is not None else 0)
+        stats = {"iterations": 0, "tokens": 0, "slots": 0, "start_s": time.perf_counter()}
         self.stats = stats
+        self.loop = loop = LoopStats(self.instrument, self.cuda)
         try:
             for r in requests:
                 err = sched.add(r)
                 if err is not None:
                     yield Completion(r.index, (), "rejected", err)
-            k, inflight = 0, None
+            k, inflight, inflight_row = 0, None, None
             while True:
+                watch = Stopwatch()
                 plan = sched.schedule(k)
+                row = None
                 if plan is not None:
-                    self._launch(plan, k)
+                    shape = self.drain if plan.decode_only else self.dense
+                    row = loop.add(plan, shape.name, shape.slots)
+                    loop.host(row, "plan", watch.lap())
+                    self._launch(plan, k, shape, row=row)
+                    if k == 0:  # validation, admission and the first plan: the device waits for them
+                        stats["first_launch_s"] = time.perf_counter() - stats["start_s"]
                     stats["iterations"] += 1
                     stats["tokens"] += plan.num_tokens
+                    stats["slots"] += shape.slots
                 if inflight is not None:
-                    yield from self._collect(inflight)
+                    yield from self._collect(inflight, inflight_row)
                 if plan is None:
                     break
-                inflight, k = plan, k + 1
+                inflight, inflight_row, k = plan, row, k + 1
         finally:
             if self.cuda:
                 torch.cuda.synchronize(self.device)  # nothing in flight touches the pages freed next
             sched.abort()
             self._busy = False
             stats["wall_s"] = time.perf_counter() - stats["start_s"]
+            if self.cuda:
+                loop.read_device()
+            stats["loop"] = loop.summary()
 
     # ---- measurement ----------------------------------------------------------------------------
     def time_iteration(self, iters: int = 20, warmup: int = 3) -> dict[str, float]:
@@ -321,7 +412,7 @@ class LLM:
             times = []
             for i in range(warmup + iters):
                 t0 = time.perf_counter()
-                self._launch(plan, 0)
+                self._launch(plan, 0, self.dense)
                 if self.cuda:
                     self.events[0].synchronize()
                 if i >= warmup:
@@ -339,6 +430,9 @@ class LLM:
         finally:
             for r in reqs:
                 self.kv.allocator.free(r.index)
+        # what attention reads in this batch, as nfrt.loop_stats counts it per serving iteration
+        reads = {"decode_context_sum": sum(it.start + 1 for it in decode),
+                 "prefill_position_sum": sum(it.length * (it.length + 1) // 2 for it in prefill)}
         return {"forward_us": forward_us, "iteration_us": float(np.median(times)) * 1e6,
                 "tokens_per_s": s.dense_batch / (forward_us * 1e-6), "decode_context": ctx,
-                "prefill_context": pre_ctx}
+                "prefill_context": pre_ctx, **reads}

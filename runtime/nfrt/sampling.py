@@ -77,11 +77,13 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     """logits [s, V]; temperature, top_p [s] float32; keys, steps [s] int64 -> token ids into out [s] int64.
 
     Rows with temperature 0 take the argmax. `greedy_only` (the host knows no row samples) skips
-    the noise and the sort. No host sync: the loop may run ahead of the device.
+    the noise and the sort and writes the argmax straight into `out` (no allocation). Nothing here
+    reads a device value on the host (no `.item()`, no data-dependent shape), so it never waits for
+    the device and could be captured in a CUDA graph: the loop may run ahead of the device.
     """
-    greedy = torch.argmax(logits, dim=-1)  # [s]
     if greedy_only:
-        return out.copy_(greedy)
+        return torch.argmax(logits, dim=-1, out=out)
+    greedy = torch.argmax(logits, dim=-1)  # [s]
     x = logits.float() / torch.where(temperature > 0, temperature, 1.0)[:, None]  # [s, V]
     probs = torch.softmax(x, dim=-1)
     sorted_p, order = torch.sort(probs, dim=-1, descending=True)

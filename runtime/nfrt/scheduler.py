@@ -22,6 +22,12 @@ last token is scheduled: later iterations that reuse them run after it on the sa
 (They are released at the next `schedule` call, once the plan that scheduled their last token
 has been staged.) A request that could never fit (longer than `max_seq_len`, or more pages than
 the cache has) is rejected by `add` with a message, and the others proceed.
+
+The drain: once no request is waiting and none is still in its prompt, a prefill region could only
+hold padding. With `drain_slots` > 0 the plan is then decode-only (`Plan.decode_only`): up to
+`drain_slots` running requests, one token each, least recently served first, and no prefill region
+(the serving loop runs it through a smaller captured shape). Every plan made with nothing left to
+prefill has `Plan.drain` set, whichever shape it uses.
 """
 
 from __future__ import annotations
@@ -97,6 +103,8 @@ class Plan:
     iteration: int
     decode: tuple[Item, ...]  # single-token items in decode slots 0, 1, ...
     prefill: tuple[Item, ...]  # runs in prefill rows 0, 1, ... (tokens in this order)
+    drain: bool = False  # planned with no request waiting or in its prompt
+    decode_only: bool = False  # for the decode-only shape: `drain_slots` slots, no prefill region
 
     @property
     def num_tokens(self) -> int:
@@ -107,12 +115,14 @@ class Scheduler:
     """See the module docstring. One instance serves one `LLM.stream` call."""
 
     def __init__(self, allocator: Allocator, usable_pages: int, decode_slots: int, prefill_tokens: int,
-                 prefill_rows: int, max_seq_len: int) -> None:
+                 prefill_rows: int, max_seq_len: int, drain_slots: int = 0) -> None:
         if decode_slots < 0 or prefill_tokens < 0 or decode_slots + prefill_tokens == 0:
             raise NfrtError(f"scheduler: decode_slots {decode_slots} and prefill_tokens {prefill_tokens} "
                             "must be >= 0 with a positive sum")
         if prefill_tokens and prefill_rows < 1:
             raise NfrtError(f"scheduler: prefill_rows must be >= 1 with a prefill region, got {prefill_rows}")
+        if drain_slots < 0:
+            raise NfrtError(f"scheduler: drain_slots must be >= 0, got {drain_slots}")
         self.allocator = allocator
         self.page_size = allocator.page_size
         self.usable_pages = usable_pages
@@ -120,6 +130,7 @@ class Scheduler:
         self.prefill_tokens = prefill_tokens
         self.prefill_rows = prefill_rows if prefill_tokens else 0
         self.max_seq_len = max_seq_len
+        self.drain_slots = drain_slots
         self.waiting: list[Request] = []
         self.running: list[Request] = []  # admitted, not all tokens scheduled; admission order
         self.committed_pages = 0  # pages reserved by admitted requests not yet released
@@ -153,24 +164,28 @@ class Scheduler:
         for r in self._finishing:
             self.release(r)
         self._finishing = []
+        drain = not self.waiting and not any(r.prefilling for r in self.running)
+        decode_only = drain and self.drain_slots > 0
+        # the shape planned for: decode slots, prefill-region tokens and runs
+        slots, room, rows = ((self.drain_slots, 0, 0) if decode_only
+                             else (self.decode_slots, self.prefill_tokens, self.prefill_rows))
         decode: list[Item] = []
         prefill: list[Item] = []
-        room = self.prefill_tokens  # prefill-region tokens left
 
         def sample_row(r: Request, end: int, slot: int | None) -> int:
             if end < r.prompt_len:
                 return -1
-            return slot if slot is not None else self.decode_slots + len(prefill)
+            return slot if slot is not None else slots + len(prefill)
 
         def place(r: Request, want: int) -> bool:
             """Put up to `want` next positions of r into the batch; False when there is no room."""
             nonlocal room
             start = r.num_computed
-            if room and len(prefill) < self.prefill_rows and (want > 1 or len(decode) >= self.decode_slots):
+            if room and len(prefill) < rows and (want > 1 or len(decode) >= slots):
                 n = min(want, room)
                 prefill.append(Item(r, start, n, sample_row(r, start + n, None), r.pending))
                 room -= n
-            elif len(decode) < self.decode_slots:
+            elif len(decode) < slots:
                 decode.append(Item(r, start, 1, sample_row(r, start + 1, len(decode)), r.pending))
             else:
                 return False
@@ -184,7 +199,7 @@ class Scheduler:
         for r in [r for r in self.running if r.prefilling]:
             if not place(r, r.prompt_len - r.num_computed):
                 break
-        while self.waiting and self._batch_has_room(decode, prefill, room):
+        while self.waiting and (len(decode) < slots or (room > 0 and len(prefill) < rows)):
             r = self.waiting[0]
             need = self.pages_for(r)
             if self.committed_pages + need > self.usable_pages:
@@ -201,10 +216,7 @@ class Scheduler:
         for item in decode + prefill:
             self._commit(item, iteration)
         self.running = [r for r in self.running if not r.scheduled_all]
-        return Plan(iteration, tuple(decode), tuple(prefill))
-
-    def _batch_has_room(self, decode: list[Item], prefill: list[Item], room: int) -> bool:
-        return len(decode) < self.decode_slots or (room > 0 and len(prefill) < self.prefill_rows)
+        return Plan(iteration, tuple(decode), tuple(prefill), drain, decode_only)
 
     def _commit(self, item: Item, iteration: int) -> None:
         r = item.request

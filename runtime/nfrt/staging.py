@@ -12,6 +12,9 @@ Inputs go up in three packed copies (int64, int32, float32 fields), from pinned 
 that is double-buffered: the host fills set i+1 while the device may still read set i. A decode
 token whose id was sampled by the previous iteration and is not back on the host yet is gathered
 on the device from that iteration's sampled ids (`src_row` >= 0), so the host never waits for it.
+The upload allocates nothing: the gather works in preallocated device tensors.
+
+`ServingShape.decode_only()` is the drain's shape: the decode slots alone, no prefill region.
 """
 
 from __future__ import annotations
@@ -66,6 +69,12 @@ class ServingShape:
     def num_samples(self) -> int:
         return self.decode_slots + (self.prefill_rows if self.prefill_tokens else 0)
 
+    def decode_only(self) -> ServingShape:
+        """The decode slots alone (no prefill region): the shape of the drain's batches."""
+        if self.decode_slots < 1:
+            raise NfrtError("serving shape: a decode-only shape needs decode slots")
+        return ServingShape(self.decode_slots, self.decode_slots, 0, self.pages_per_seq)
+
     def batch_shape(self) -> BatchShape:
         return BatchShape(self.dense_batch, self.decode_slots, self.rows, self.num_samples,
                           self.pages_per_seq, self.pages_per_seq)
@@ -110,6 +119,10 @@ class StaticBatch:
         pin = device.type == "cuda"
         self._host = [_packed(shape, torch.device("cpu"), pin) for _ in range(2)]
         self._np = [{k: v.numpy() for k, v in views.items()} for _, views in self._host]
+        d = shape.dense_batch  # the gather's work tensors (no allocation per iteration)
+        self._src = torch.zeros(d, dtype=torch.int64, device=device)
+        self._gathered = torch.zeros(d, dtype=torch.int64, device=device)
+        self._feed = torch.zeros(d, dtype=torch.bool, device=device)
 
     # ---- host side ------------------------------------------------------------------------------
     def fill(self, plan: Plan | None, pages_of, which: int) -> bool:
@@ -133,6 +146,11 @@ class StaticBatch:
         h["top_p"][:] = 1.0
         if plan is None:
             return False
+        runs = s.prefill_rows if s.prefill_tokens else 0
+        if len(plan.decode) > s.decode_slots or len(plan.prefill) > runs or \
+                sum(it.length for it in plan.prefill) > s.prefill_tokens:
+            raise NfrtError(f"serving loop: plan {plan.iteration} ({len(plan.decode)} decode items, "
+                            f"{len(plan.prefill)} prefill runs) does not fit the batch shape {s}")
         sampling = False
         for j, it in enumerate(plan.decode):
             pages = pages_of(it.request.index)
@@ -194,6 +212,8 @@ class StaticBatch:
         blocking = self.device.type != "cuda"
         for dst, src in zip(self._dev_flats, self._host[which][0], strict=True):
             dst.copy_(src, non_blocking=not blocking)
-        src = self.dev["src_row"]
-        gathered = prev_sampled.index_select(0, src.clamp(min=0))  # [dense_batch]
-        torch.where(src >= 0, gathered, self.dev["staged_ids"], out=self.buffers.input_ids)
+        src = self.dev["src_row"]  # [dense_batch]
+        torch.clamp(src, min=0, out=self._src)
+        torch.index_select(prev_sampled, 0, self._src, out=self._gathered)
+        torch.ge(src, 0, out=self._feed)
+        torch.where(self._feed, self._gathered, self.dev["staged_ids"], out=self.buffers.input_ids)
