@@ -21,7 +21,7 @@ class SolveConfig:
     tp: int = 1
     workload: str = "splitwise"
     dense_batch: int = 2048
-    policy: Literal["auto", "sequential"] = "auto"
+    policy: Literal["auto", "sequential", "overlap"] = "auto"
     granularity_tokens: int = 64
     max_nano_batches: int = 4
     time_limit_s: float = 60.0
@@ -32,8 +32,8 @@ class SolveConfig:
             raise NfsearchError(f"--tp must be >= 1, got {self.tp}")
         if self.dense_batch <= 0:
             raise NfsearchError(f"--dense-batch must be positive, got {self.dense_batch}")
-        if self.policy not in ("auto", "sequential"):
-            raise NfsearchError(f"--policy must be auto or sequential, got {self.policy!r}")
+        if self.policy not in ("auto", "sequential", "overlap"):
+            raise NfsearchError(f"--policy must be auto, sequential or overlap, got {self.policy!r}")
         if self.granularity_tokens <= 0:
             raise NfsearchError(f"granularity_tokens must be positive, got {self.granularity_tokens}")
         if not 1 <= self.max_nano_batches <= 8:

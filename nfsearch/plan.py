@@ -106,7 +106,9 @@ def build_problem(model: ModelConfig, batch: BatchComposition, profile: Profile,
                             f"must be multiples of the {g}-token granule")
     num_granules = batch.dense_batch // g
     profiled = set(profile.sm_grid())
-    sms = tuple(s for s in partition_sizes(gpu) if s in profiled or s == gpu.num_sms)
+    # a partition narrower than the GPU must be placeable beside others (GpuSpec.placeable_sms)
+    sms = tuple(s for s in partition_sizes(gpu)
+                if (s in profiled and s <= gpu.placeable_sms) or s == gpu.num_sms)
     specs = {op.name: op for op in layer_ops(model, tp)}
     stage_ops = []
     for name, grp in groups(model, tp).items():

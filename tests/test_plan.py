@@ -144,3 +144,15 @@ def test_time_out_returns_the_best_feasible_schedule_with_its_status(tmp_path, c
                  "--time-limit", "0.02", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "solver:" in text and out.is_file()
+
+
+def test_partitions_narrower_than_the_gpu_are_placeable(llama8b_plan):
+    """A partition of fewer SMs than the GPU must fit the driver's aligned SM groups (placeable_sms):
+    the emitter cannot place, say, 128 of an H200's 132 SMs beside anything."""
+    r = llama8b_plan
+    cfg = SolveConfig(model="llama3-8b", gpu="h200")
+    problem = build_problem(r.schedule.metadata.model_config, r.composition.batch, r.profile, r.gpu, 1, cfg)
+    assert problem.sm_options[-1] == r.gpu.num_sms
+    assert all(s <= r.gpu.placeable_sms for s in problem.sm_options[:-1])
+    for p in r.schedule.partitions:
+        assert p.num_sms == r.gpu.num_sms or p.first_sm + p.num_sms <= r.gpu.placeable_sms

@@ -403,3 +403,19 @@ def test_realistic_instance_within_a_minute():
     assert sol.period_us < seq.period_us  # this profile leaves room to overlap decode attention
     _check_sm_sums(sol, pb.num_sms)
     _check_idle_get_fastest(pb, sol)
+
+
+def test_overlap_policy_keeps_the_best_overlapped_schedule():
+    """Interference so strong that overlap never pays: auto returns the sequential schedule, the
+    overlap policy the best searched one, predicted slower (it exists to measure the cost model)."""
+    rng = np.random.default_rng()
+    awful = {("compute", "memory"): (3.0, 3.0, 3.0), ("memory", "compute"): (3.0, 3.0, 3.0)}
+    pb = tiny(rng, interference=awful)
+    seq = solve(dataclasses.replace(pb, policy="sequential"))
+    auto = solve(pb)
+    over = solve(dataclasses.replace(pb, policy="overlap"))
+    assert auto.period_us == pytest.approx(seq.period_us)
+    assert "chose sequential" in auto.message
+    assert "chose K=" in over.message
+    assert over.period_us >= auto.period_us - 1e-9
+    assert len({n.stream for n in over.nano_ops}) > 1 or over.num_nano_batches > 1

@@ -17,7 +17,7 @@ from typing import Literal
 Kind = Literal["compute", "memory", "network"]
 TokenClass = Literal["all", "decode", "prefill"]
 Scope = Literal["token", "prefix"]
-Policy = Literal["auto", "sequential"]
+Policy = Literal["auto", "sequential", "overlap"]
 Status = Literal["OPTIMAL", "FEASIBLE", "INFEASIBLE", "UNKNOWN"]
 
 KINDS: tuple[Kind, ...] = ("compute", "memory", "network")

@@ -51,7 +51,7 @@ StreamKind = Literal["compute", "memory", "network", "mixed"]
 TokenClass = Literal["all", "decode", "prefill"]
 Scope = Literal["token", "prefix"]
 ProfileSource = Literal["measured", "analytic"]
-Policy = Literal["auto", "sequential", "hand"]
+Policy = Literal["auto", "sequential", "overlap", "hand"]
 
 
 # ---- the records ----------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ class SolverInfo(_Record):
     gap: float | None = None
     solve_time_s: float | None = None
     _spec: ClassVar[dict[str, Check]] = {
-        "name": _name, "policy": _choice("auto", "sequential", "hand"), "status": _name,
+        "name": _name, "policy": _choice("auto", "sequential", "overlap", "hand"), "status": _name,
         "objective_us": _optional(_float), "gap": _optional(_nonneg), "solve_time_s": _optional(_nonneg)}
     _ratios: ClassVar[frozenset[str]] = frozenset({"gap"})
 
