@@ -51,6 +51,7 @@ class Engine:
         self.graph: torch.cuda.CUDAGraph | None = None
         self._graph_buffers: BatchBuffers | None = None
         self._graph_logits: torch.Tensor | None = None
+        self._graph_outputs: tuple[torch.Tensor, ...] = ()
         self._check_ops()
         self._plan()
         self.tracer = None
@@ -333,6 +334,9 @@ class Engine:
             self._forward()
         torch.cuda.synchronize(self.device)
         self.graph, self._graph_buffers, self._graph_logits = graph, self.buffers, self.model.logits
+        # the graph writes these: keep them alive even if a later bind() replaces the model's
+        m = self.model
+        self._graph_outputs = (m.sampled, m.logits, m.logits_local, m.logits_ranks)
 
     def replay(self) -> torch.Tensor:
         """Replay the captured graph on the prepared inputs -> the static logits buffer [samples, vocab]."""
@@ -343,7 +347,7 @@ class Engine:
 
     def close(self) -> None:
         """Release the graph and the green-context partitions."""
-        self.graph = None
+        self.graph, self._graph_outputs = None, ()
         if self.partitions is not None:
             self.partitions.close()
             self.partitions = None
