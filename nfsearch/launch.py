@@ -10,12 +10,9 @@ import os
 import subprocess
 import sys
 
-from nfsearch.errors import NfsearchError
+from nfrt.config import NO_MULTICAST_ENV
 
-# Kept in step with nfrt.tp.NO_MULTICAST_ENV (which needs torch to import): multicast objects on
-# the shared multi-GPU hosts can take every GPU of the host out of service.
-NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                    "NVSHMEM_DISABLE_NVLS": "1"}
+from nfsearch.errors import NfsearchError
 
 
 def in_world() -> bool:

@@ -39,7 +39,7 @@ from nfrt.model import Model
 from nfrt.partition import make_partitions
 from nfrt.tp import TPGroup, random_shard_weights, shard_config
 
-from nfsearch.bench_measure import ceilings, driver_version
+from nfsearch.bench_measure import allreduce_busbw_gbps, ceilings, driver_version
 from nfsearch.errors import NfsearchError
 from nfsearch.profiler.grid import Point, ProfileGrid
 from nfsearch.profiler.run import NVLINK_PROBE_MIB, CoRun, Tick
@@ -149,25 +149,6 @@ class GpuTimer:
             torch.cuda.synchronize(self.dev)
             self.m.comm = comm
 
-    def _nvlink_gbps(self) -> float:
-        """All-reduce bus bandwidth (GB/s): 2 (n - 1) / n * bytes / time, median of 10 after 3."""
-        n = self.group.size
-        x = torch.ones(NVLINK_PROBE_MIB << 19, device=self.dev, dtype=torch.bfloat16)  # 2 bytes each
-        times = []
-        for i in range(13):
-            self.group.barrier()
-            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-            ev[0].record()
-            self.group.all_reduce(x, self.group.default)
-            ev[1].record()
-            torch.cuda.synchronize(self.dev)
-            if i >= 3:
-                times.append(ev[0].elapsed_time(ev[1]) * 1e-3)
-            x.fill_(1.0)  # keep the values finite
-        del x
-        torch.cuda.empty_cache()
-        return 2 * (n - 1) / n * (NVLINK_PROBE_MIB << 20) / statistics.median(times) / 1e9
-
     # ---- metadata and ceilings -----------------------------------------------------------
     def stamp(self) -> dict[str, Any]:
         import triton
@@ -199,7 +180,7 @@ class GpuTimer:
         peak_tflops, hbm_gbps = ceilings(self.dev)
         out = {"peak_tflops": peak_tflops, "hbm_gbps": hbm_gbps}  # the same GEMM and copy as bench
         if self.group is not None:
-            out["nvlink_gbps"] = self._nvlink_gbps()
+            out["nvlink_gbps"] = allreduce_busbw_gbps(self.group, NVLINK_PROBE_MIB << 20)
         return out
 
     # ---- batches and launchers -----------------------------------------------------------

@@ -11,6 +11,12 @@ from typing import Any
 
 from nfrt.errors import ConfigError
 
+# The environment of every tensor-parallel process (the launcher's children, `nfrt.tp.TPGroup`):
+# NVLink multicast off. On the shared multi-GPU hosts a program that creates multicast objects can
+# take every GPU of the host out of service.
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                    "NVSHMEM_DISABLE_NVLS": "1"}
+
 _HF_ARCHS = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",

@@ -65,7 +65,7 @@ class Engine:
         self.streams: list = []
         if self.device.type == "cuda":
             self.streams = self._make_streams(use_partitions)
-        self.comms = self._make_comms(use_partitions)
+        self.comms = self._make_comms()
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -190,7 +190,7 @@ class Engine:
         # Every stream on all SMs (or partitions disabled): plain streams.
         return [torch.cuda.Stream(self.device) for _ in s.streams]
 
-    def _make_comms(self, use_partitions: bool) -> list:
+    def _make_comms(self) -> list:
         """Per schedule stream, the process group its network nano-ops use (None: no TP, or a
         stream without network ops). Lanes count network streams, so no two share a communicator;
         NCCL's CTAs are capped at the partition the stream is fenced to."""
@@ -204,7 +204,7 @@ class Engine:
             if any(op in NETWORK_OPS for nop in st.nano_ops for op in nop.ops):
                 sms = parts[st.partition].num_sms
                 fenced = self.partitions is not None and sms != self.schedule.metadata.num_sms
-                comms[i] = tp.comm(sms if fenced and use_partitions else None, lane)
+                comms[i] = tp.comm(sms if fenced else None, lane)
                 lane += 1
         return comms
 

@@ -149,7 +149,6 @@ class LLM:
         if self.kv.allocator.ensure(SCRATCH_SEQ, 1) != [0]:
             raise NfrtError("LLM: the scratch page must be page 0")
         self.graph = False
-        self._graph_outputs: list[tuple[torch.Tensor, ...]] = []
         if self.cuda and cuda_graph:
             for shape in (self.dense, self.drain):  # one graph per shape, captured once
                 if shape is not None:
@@ -169,11 +168,8 @@ class LLM:
         return Engine(seq, self.engine.model, use_partitions=False)
 
     def _capture(self, shape: _Shape) -> None:
-        m = self.engine.model
         shape.engine.bind(shape.static.buffers)  # sizes the model's sample/logit buffers for the shape
-        shape.engine.capture()
-        # The graph writes into these; the next bind replaces the model's references, so keep them.
-        self._graph_outputs.append((m.sampled, m.logits, m.logits_local, m.logits_ranks))
+        shape.engine.capture()  # keeps the buffers its graph writes alive across later binds
 
     def _warmup(self, shape: _Shape) -> int:
         """One padding-only iteration (compiles kernels); returns its transient device bytes."""

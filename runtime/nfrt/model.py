@@ -108,6 +108,7 @@ class Model:
         self.logits_local = buf(0, self.vocab_rows)
         self.logits_ranks = buf(0, self.vocab_rows)
         self._ops = {name: getattr(self, "_" + name) for name in set(DENSE_OPS + MOE_OPS)}
+        self._ops.update(dict.fromkeys(NETWORK_OPS, self._allreduce))
 
     # ---- batch binding -------------------------------------------------------------------
     def bind(self, buffers: BatchBuffers) -> None:
@@ -166,13 +167,6 @@ class Model:
         b = self._b()
         fn = self._ops.get(op)
         if fn is None:
-            if op in NETWORK_OPS:
-                if self.tp is not None and start < end:  # at TP = 1 there is nothing to reduce
-                    # hidden holds this rank's partial sums (row-parallel o_proj / down / experts)
-                    s, e = max(0, start), min(end, b.num_tokens)
-                    if s < e:
-                        self.tp.all_reduce(self.hidden[s:e], self.comm)
-                return
             valid = ", ".join(layer_ops(self.config) + NETWORK_OPS)
             raise NfrtError(f"model: unknown op {op!r}; valid: {valid}")
         if not 0 <= layer < self.config.num_layers:
@@ -235,6 +229,12 @@ class Model:
 
     def _o_proj(self, layer: int, s: int, e: int) -> None:
         torch.mm(self.attn_out[s:e], self._lw(layer, "o_proj").t(), out=self.hidden[s:e])
+
+    def _allreduce(self, layer: int, s: int, e: int) -> None:
+        # hidden holds this rank's partial sums (row-parallel o_proj / down / experts); at TP = 1
+        # there is nothing to reduce
+        if self.tp is not None:
+            self.tp.all_reduce(self.hidden[s:e], self.comm)
 
     def _post_norm(self, layer: int, s: int, e: int) -> None:
         K.fused_add_rms_norm(self.hidden[s:e], self.residual[s:e], self._lw(layer, "post_norm"), self.eps,

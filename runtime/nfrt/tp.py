@@ -10,7 +10,7 @@ Sharding (tp ranks, rank r):
 - embedding replicated; LM head vocabulary-parallel (rows padded to a multiple of tp with zeros),
   its logits all-gathered in the tail.
 
-NVLink multicast stays off (`NO_MULTICAST_ENV`): on the shared multi-GPU hosts a program that uses
+NVLink multicast stays off (`nfrt.config.NO_MULTICAST_ENV`): on the shared multi-GPU hosts a program that uses
 it can take the GPUs out of service. The launcher (`nfsearch.launch`) sets these variables for the
 child processes, and `TPGroup.from_env` sets them again before NCCL starts.
 """
@@ -22,22 +22,18 @@ from dataclasses import replace
 
 import torch
 
-from nfrt.config import ModelConfig
+from nfrt.config import NO_MULTICAST_ENV, ModelConfig
 from nfrt.errors import ConfigError, NfrtError
 from nfrt.schedule import OpDep, Schedule
 from nfrt.weights import Weights, default_dtype, random_tensor, weight_shapes
 
-NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                    "NVSHMEM_DISABLE_NVLS": "1"}
 # NCCL launches one CTA per channel; its kernels get at most this many (its channel limit).
 MAX_NCCL_CTAS = 32
 
 
-def apply_no_multicast(env: dict[str, str] | None = None) -> dict[str, str]:
-    """Set the no-multicast variables in `env` (default: this process's environment); returns it."""
-    env = os.environ if env is None else env
-    env.update(NO_MULTICAST_ENV)
-    return env
+def apply_no_multicast() -> None:
+    """Set the no-multicast variables in this process's environment (before NCCL starts)."""
+    os.environ.update(NO_MULTICAST_ENV)
 
 
 def check_tp(config: ModelConfig, tp: int) -> None:
@@ -111,9 +107,7 @@ def shard_weights(weights: Weights, config: ModelConfig, rank: int, tp: int) -> 
         if key not in weights or tuple(weights[key].shape) != shape:
             got = tuple(weights[key].shape) if key in weights else "missing"
             raise NfrtError(f"weights for {config.name}: {key} should be {shape}, got {got}")
-    out = {k: shard_tensor(k, v, config, rank, tp) for k, v in weights.items() if k != "lm_head"}
-    out["lm_head"] = shard_tensor("lm_head", weights["lm_head"], config, rank, tp)
-    return out
+    return {k: shard_tensor(k, v, config, rank, tp) for k, v in weights.items()}
 
 
 def random_shard_weights(config: ModelConfig, rank: int, tp: int, seed: int = 0,
