@@ -30,10 +30,17 @@ from nfrt.trace import compare, layer_rows, stream_stats
 from nfsearch.errors import NfsearchError
 
 REPLAYS = 5
+# Seconds of back-to-back (untraced-timing) replays per variant while nvidia-smi samples the SM
+# clock: a power-capped GPU may clock the overlapped pipeline lower than the serialized or the
+# sequential one, which no per-kernel profile sees. Skipped under TP (ranks would have to agree on
+# the replay count).
+SUSTAIN_S = 2.0
 
 
 def _traced(engine, schedule: Schedule, use_partitions: bool, green_full: bool, batch,
-            serialize: bool = False) -> dict[str, Any]:
+            serialize: bool = False, sustain_s: float = 0.0) -> dict[str, Any]:
+    import time
+
     import torch
     from nfrt.engine import Engine
 
@@ -57,8 +64,22 @@ def _traced(engine, schedule: Schedule, use_partitions: bool, green_full: bool, 
         med = [int(statistics.median(col)) for col in zip(*stamps, strict=True)]
         order = [(nop.name, schedule.streams[si].name, bool(eng.waits.get(nop.name)))
                  for si, nop in eng.order]
-        return {"stamps": med, "order": order, "num_layers": eng.config.num_layers,
-                "iteration_us": statistics.median(times)}
+        out = {"stamps": med, "order": order, "num_layers": eng.config.num_layers,
+               "iteration_us": statistics.median(times)}
+        if sustain_s > 0 and engine.model.tp is None:
+            events, t0 = [], time.time()
+            while time.time() - t0 < sustain_s:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                eng.replay()
+                e.record()
+                events.append((s, e))
+                if len(events) % 8 == 0:  # keep the host within a few replays of the device
+                    e.synchronize()
+            torch.cuda.synchronize()
+            out["sustained"] = {"window": (t0, time.time()), "replays": len(events),
+                                "iteration_us": statistics.median(a.elapsed_time(b) * 1e3 for a, b in events)}
+        return out
     finally:
         eng.close()
 
@@ -111,17 +132,29 @@ def _stream_check(engine, tokens: int) -> dict[str, Any]:
 
 def measure_timeline(engine, use_partitions: bool, seed: int) -> dict[str, Any]:
     """Traced replays of the schedule (and variants) and the stream check; plain data."""
+    from nfsearch.gpu_monitor import GpuMonitor
+
     s = engine.schedule
     batch = engine.synthetic_batch(seed=seed)
     out: dict[str, Any] = {"variants": {}}
-    out["variants"]["nano"] = _traced(engine, s, use_partitions, False, batch)
-    full = s.metadata.num_sms
-    if use_partitions and any(p.num_sms == full for p in s.partitions) and any(
-            p.num_sms != full for p in s.partitions):
-        out["variants"]["nano_green_full"] = _traced(engine, s, use_partitions, True, batch)
-    if len(s.streams) > 1:  # every nano-op alone on its partition: solo times, no interference
-        out["variants"]["nano_serialized"] = _traced(engine, s, use_partitions, False, batch, serialize=True)
-    out["variants"]["sequential"] = _traced(engine, s.as_sequential(), False, False, batch)
+    monitor = GpuMonitor(engine.device)
+    try:
+        v = out["variants"]
+        v["nano"] = _traced(engine, s, use_partitions, False, batch, sustain_s=SUSTAIN_S)
+        full = s.metadata.num_sms
+        if use_partitions and any(p.num_sms == full for p in s.partitions) and any(
+                p.num_sms != full for p in s.partitions):
+            v["nano_green_full"] = _traced(engine, s, use_partitions, True, batch)
+        if len(s.streams) > 1:  # every nano-op alone on its partition: solo times, no interference
+            v["nano_serialized"] = _traced(engine, s, use_partitions, False, batch, serialize=True,
+                                           sustain_s=SUSTAIN_S)
+        v["sequential"] = _traced(engine, s.as_sequential(), False, False, batch, sustain_s=SUSTAIN_S)
+    finally:
+        windows = {name: d["sustained"]["window"] for name, d in out["variants"].items() if "sustained" in d}
+        clocks = monitor.stop(windows)
+    for name, d in out["variants"].items():
+        if "sustained" in d and clocks:
+            d["sustained"]["gpu"] = clocks[name]
     big = max((n for st in s.streams for n in st.nano_ops), key=lambda n: n.tokens[1] - n.tokens[0])
     out["stream_check"] = _stream_check(engine, big.tokens[1] - big.tokens[0])
     return out
@@ -163,6 +196,11 @@ def timeline_summary(schedule: Schedule, tl: dict[str, Any]) -> dict[str, Any]:
         out["variants"][name] = {
             "layer": layer, "traced_iteration_us": v["iteration_us"], "layer_span_us": span,
             "layer_period_us": _period_us(v), "nano_ops": compare(rows, use_pred), "streams": stats}
+        if "sustained" in v:  # the traced graph replayed back to back, with the GPU's clock meanwhile
+            sus = v["sustained"]
+            out["variants"][name]["sustained"] = {"seconds": sus["window"][1] - sus["window"][0],
+                                                  "replays": sus["replays"],
+                                                  "iteration_us": sus["iteration_us"], "gpu": sus.get("gpu")}
     if pred:
         out["predicted_period_us"] = schedule.prediction.period_us
         out["predicted_span_us"] = schedule.prediction.layer_span_us
@@ -178,6 +216,12 @@ def format_lines(tl: dict[str, Any]) -> list[str]:
                      + (f", mean period {per:.0f} us" if per else "")
                      + (f" (predicted {tl['predicted_period_us']:.0f})" if name != "sequential"
                         and tl.get("predicted_period_us") else ""))
+        sus = v.get("sustained")
+        if sus:
+            g = sus.get("gpu") or {}
+            lines.append(f"  sustained {sus['seconds']:.1f} s ({sus['replays']} replays): iteration "
+                         f"{sus['iteration_us'] / 1e3:.3f} ms; GPU medians: "
+                         + ", ".join(f"{k} {g.get(k)}" for k in ("sm_clock_mhz", "power_w", "samples")))
         for st, d in v["streams"].items():
             r = d.get("busy_measured_over_predicted")
             lines.append(f"  {st:<14} busy {d['busy_us']:7.0f} us"

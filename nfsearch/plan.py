@@ -97,6 +97,84 @@ def _context(op, batch: BatchComposition) -> int:
     return ctx if ctx or op.token_class == "all" else 1
 
 
+def prefill_work(prefill_context: int, start: int, end: int) -> int:
+    """Causal attention work of prefill tokens [start, end) of the batch layout: sum of (p + 1)
+    over their prompt positions p. The prefill region (`nfrt.batch.make_batch`, and the profiler's
+    attn_prefill batch) is prompts of `prefill_context` tokens back to back from position 0, the
+    last one partial: prefill token r sits at position r mod c and attends to r mod c + 1 keys."""
+    c = prefill_context
+
+    def upto(x: int) -> int:  # work of prefill tokens [0, x)
+        q, r = divmod(x, c)
+        return q * c * (c + 1) // 2 + r * (r + 1) // 2
+
+    return upto(end) - upto(start)
+
+
+def reference_work(source: str, tokens: int, context: int) -> float:
+    """Attention work of the layout `profile.latency_us("attn_prefill", tokens, context, ·)` stands
+    for: the profiler times the first `tokens` tokens of length-`context` prompts from position 0
+    (nfsearch/profiler/measure.py); the analytic model charges every token (context + 1) / 2 keys."""
+    if source == "analytic":
+        return tokens * (context + 1) / 2
+    return float(prefill_work(context, 0, tokens))
+
+
+def _latency_by_work(profile: Profile, tokens: int, full_sms: int, min_slope_us: float):
+    """(f, slope): f(w) is the profile's full-GPU latency of `tokens` prefill tokens as a function of
+    their work, piecewise linear through its grid contexts (the same token count at less or more
+    work), made non-decreasing, flat below the least work and extended above the most with
+    slope = max(the last segment's slope, min_slope_us) (proportional when there is one point and
+    no minimum). The minimum is the slope found at a larger token count: fewer tokens run fewer
+    blocks at once, so a unit of work never costs less (the profile's noise aside)."""
+    pts: dict[float, list[float]] = {}
+    for c in profile.context_grid("attn_prefill"):
+        w = reference_work(profile.meta.source, tokens, max(c, 1))
+        pts.setdefault(w, []).append(profile.latency_us("attn_prefill", tokens, c, full_sms))
+    ws = sorted(pts)
+    ls: list[float] = []
+    for w in ws:  # equal work (contexts >= tokens) is one point; more work never faster
+        ls.append(max(sum(pts[w]) / len(pts[w]), ls[-1] if ls else 0.0))
+    if len(ws) > 1:
+        slope = max((ls[-1] - ls[-2]) / (ws[-1] - ws[-2]), min_slope_us)
+    else:
+        slope = min_slope_us or ls[0] / ws[0]
+
+    def f(w: float) -> float:
+        if w <= ws[0]:
+            return ls[0]
+        if w >= ws[-1]:
+            return ls[-1] + slope * (w - ws[-1])
+        i = next(i for i in range(1, len(ws)) if w <= ws[i])
+        return ls[i - 1] + (ls[i] - ls[i - 1]) * (w - ws[i - 1]) / (ws[i] - ws[i - 1])
+
+    return f, slope
+
+
+def prefill_scale(batch: BatchComposition, g: int, profile: Profile, full_sms: int,
+                  latency_us: list[float]) -> tuple[tuple[float, ...], ...] | None:
+    """StageOp.scale of prefill attention. A piece on prefill granules [a, a + n) does the work
+    W = prefill_work(a*g, (a+n)*g) of its own prompt positions; latency_us[n] (full GPU) was
+    profiled on a reference layout of the same token count, of work W_ref (`reference_work`). The
+    piece costs latency_us[n] + f_n(W) - f_n(W_ref), f_n = the profile's latency of n*g tokens
+    against work across its grid contexts (`_latency_by_work`): the profile's own marginal cost of
+    work at that token count, so a piece deep in a prompt costs more and a fixed per-launch part is
+    not scaled. scale = that / latency_us[n]. With a measured profile scale[0][n] = 1."""
+    c = batch.prefill_tokens // g
+    if c == 0:
+        return None
+    rows = [[1.0] * (c + 1 - a) for a in range(c + 1)]
+    slope = 0.0
+    for n in range(c, 0, -1):  # largest first: its slope is the floor of the smaller counts'
+        f, slope = _latency_by_work(profile, n * g, full_sms, slope)
+        base = latency_us[n]
+        ref = f(reference_work(profile.meta.source, n * g, batch.prefill_context))
+        for a in range(c + 1 - n):
+            w = prefill_work(batch.prefill_context, a * g, (a + n) * g)
+            rows[a][n] = round(max(0.0, base + f(w) - ref) / base, 6) if base > 0 else 1.0
+    return tuple(tuple(r) for r in rows)
+
+
 def build_problem(model: ModelConfig, batch: BatchComposition, profile: Profile, gpu: GpuSpec, tp: int,
                   cfg: SolveConfig) -> SearchProblem:
     """Latency tables per stage op (group) over token granules and partition sizes."""
@@ -123,8 +201,14 @@ def build_problem(model: ModelConfig, batch: BatchComposition, profile: Profile,
                   for s in sms)
             for n in range(num_granules + 1))
         deps = tuple(Dep(op=p, scope=scope, prev_layer=prev) for p, scope, prev in grp.deps)
+        scale = None
+        if "attn_prefill" in grp.ops:  # its cost depends on where its tokens sit in the prompts
+            if len(grp.ops) > 1:  # one factor per piece would no longer be exact for the group
+                raise NfsearchError(f"group {name!r}: attn_prefill must be alone in its group, got "
+                                    f"{', '.join(grp.ops)}")
+            scale = prefill_scale(batch, g, profile, gpu.num_sms, [r[-1] for r in rows])
         stage_ops.append(StageOp(name=name, kind=grp.kind, token_class=grp.token_class,
-                                 graph_ops=tuple(grp.ops), deps=deps, latency_us=rows))
+                                 graph_ops=tuple(grp.ops), deps=deps, latency_us=rows, scale=scale))
     interference = {(kind, other): tuple(profile.slowdown(kind, other, s) for s in sms)
                     for kind in KINDS for other in KINDS if kind != other}
     tail_us = 0.0

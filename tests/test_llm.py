@@ -334,3 +334,34 @@ def test_bench_e2e_on_cpu(tmp_path, capsys):
     assert "sm_clock_mhz 1960.0 / 1920.0" in cuda_table
     assert "dense forward in the loop vs back to back" in cuda_table and "attention reads" in cuda_table
     assert main(["bench", "--e2e", "--schedule", str(path), "--num-requests", "0", "--device", "cpu"]) == 2
+
+
+def test_time_iteration_warms_before_timing(monkeypatch):
+    import time
+
+    llm = make_llm("tiny-llama", seed=int(torch.randint(0, 1000, ())))
+    launches = []
+    real = llm._launch
+    monkeypatch.setattr(llm, "_launch", lambda *a: (launches.append(time.perf_counter()), real(*a))[1])
+    t0 = time.perf_counter()
+    it = llm.time_iteration(iters=4, warmup=1, warm_s=0.3)
+    assert it["warm_s"] == 0.3 and it["forward_us"] > 0
+    # the last 5 launches are the timed ones (1 warmup + 4); the untimed ones fill the 0.3 s before
+    assert launches[-5] - t0 >= 0.3 and len(launches) > 5
+    assert llm.free_pages == llm.usable_pages
+    launches.clear()
+    llm.time_iteration(iters=4, warmup=1)  # no warm replays by default
+    assert len(launches) == 5
+
+
+def test_bench_e2e_refuses_negative_warm(tmp_path, capsys):
+    from nfrt.schedule import save_schedule
+
+    from nfsearch.cli import main
+
+    sched = nano_schedule(tiny_config("tiny-llama"), COMP, (0, 5, 13, 24))
+    path = save_schedule(sched, tmp_path / "s.yaml")
+    argv = ["bench", "--e2e", "--schedule", str(path), "--iteration-warm-s", "-1", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--iteration-warm-s must be >= 0, got -1.0" in err and err.count("\n") == 1

@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytest.importorskip("ortools")  # the GPU image has no OR-Tools; the solver runs on the CPU
+from nfrt.config import BatchComposition
 from nfrt.schedule import load_schedule
 
 from nfsearch.cli import main
@@ -156,3 +158,103 @@ def test_partitions_narrower_than_the_gpu_are_placeable(llama8b_plan):
     assert all(s <= r.gpu.placeable_sms for s in problem.sm_options[:-1])
     for p in r.schedule.partitions:
         assert p.num_sms == r.gpu.num_sms or p.first_sm + p.num_sms <= r.gpu.placeable_sms
+
+
+# ---- position scale of prefill attention ------------------------------------------------------
+
+def _positions(prefill_tokens: int, context: int) -> list[int]:
+    """Prompt position of every prefill token, built like make_batch: whole prompts, then a head."""
+    out: list[int] = []
+    while len(out) < prefill_tokens:
+        out += list(range(min(context, prefill_tokens - len(out))))
+    return out
+
+
+def _work(pos: list[int], start: int, end: int) -> int:
+    return sum(p + 1 for p in pos[start:end])  # causal: position p reads p + 1 keys
+
+
+class _WorkProfile:
+    """A stand-in profile whose attn_prefill latency is exactly gamma + beta * work of the layout
+    the profiler times (the first t tokens of length-c prompts from position 0)."""
+
+    def __init__(self, contexts, gamma, beta, source="measured"):
+        from types import SimpleNamespace
+
+        self.contexts, self.gamma, self.beta = tuple(contexts), gamma, beta
+        self.meta = SimpleNamespace(source=source)
+
+    def context_grid(self, op):
+        assert op == "attn_prefill"
+        return self.contexts
+
+    def latency_us(self, op, tokens, context, num_sms):
+        return self.gamma + self.beta * _work(_positions(tokens, context), 0, tokens)
+
+
+def test_prefill_work_is_the_sum_of_key_counts():
+    from nfsearch.plan import prefill_work
+
+    rng = np.random.default_rng()
+    for _ in range(20):
+        c, total = int(rng.integers(1, 300)), int(rng.integers(1, 900))
+        s = int(rng.integers(0, total))
+        e = int(rng.integers(s, total + 1))
+        assert prefill_work(c, s, e) == _work(_positions(total, c), s, e)
+    # the llama3-8b splitwise layout (c = 1155, 1728 prefill tokens) cut in four 432-token pieces
+    pos = _positions(1728, 1155)
+    assert [_work(pos, i * 432, (i + 1) * 432) for i in range(4)] == [93528, 280152, 303921, 154440]
+
+
+def test_prefill_scale_reproduces_work_ratios():
+    """A profile whose latency is proportional to work: scale[a][n] = W(a, n) / W(0, n), the work of
+    the piece over that of the profiled layout (1 / 2.995 / 3.250 / 1.651 for the four pieces of 432
+    tokens of the 1155/1728 layout). An affine one: (gamma + beta W) / (gamma + beta W_ref)."""
+    from nfsearch.plan import prefill_scale
+
+    rng = np.random.default_rng()
+    batch = BatchComposition(2048, 320, 1728, 1261, 1155)
+    g = 16  # 1728 = 108 granules; a 432-token piece is 27
+    pos = _positions(1728, 1155)
+    contexts = (32, 128, 512, 1024, 2048, 4096)
+    beta = float(rng.uniform(1e-5, 1e-3))
+    prof = _WorkProfile(contexts, 0.0, beta)
+    lat = [prof.latency_us("attn_prefill", n * g, 1155, 132) for n in range(109)]
+    scale = prefill_scale(batch, g, prof, 132, lat)
+    assert len(scale) == 109 and all(len(r) == 109 - a for a, r in enumerate(scale))
+    want = [_work(pos, i * 432, (i + 1) * 432) / _work(pos, 0, 432) for i in range(4)]
+    assert [scale[27 * i][27] for i in range(4)] == pytest.approx(want, rel=1e-5)
+    assert want == pytest.approx([1.0, 2.99538, 3.24952, 1.65127], rel=1e-5)
+    for _ in range(30):
+        n = int(rng.integers(1, 109))
+        a = int(rng.integers(0, 109 - n))
+        assert scale[a][n] == pytest.approx(_work(pos, a * g, (a + n) * g) / _work(pos, 0, n * g), rel=1e-5)
+    gamma = float(rng.uniform(2, 20))
+    prof = _WorkProfile(contexts, gamma, beta)
+    lat = [prof.latency_us("attn_prefill", n * g, 1155, 132) for n in range(109)]
+    scale = prefill_scale(batch, g, prof, 132, lat)
+    for _ in range(30):
+        n = int(rng.integers(1, 109))
+        a = int(rng.integers(0, 109 - n))
+        w, w_ref = _work(pos, a * g, (a + n) * g), _work(pos, 0, n * g)
+        assert scale[a][n] == pytest.approx((gamma + beta * w) / (gamma + beta * w_ref), rel=1e-5)
+
+
+def test_attn_prefill_gets_a_position_scale_from_the_measured_profile(llama8b_plan):
+    """Only attn_prefill is scaled; pieces from position 0 keep the profiled latency, deeper ones
+    cost more. On the H200 profile, the four pieces of the benchmarked schedule (prefill tokens
+    0-383, 384-703, 704-1215, 1216-1727; serialized graph measured 22 / 28 / 50 / 25 us, 125 in
+    all) are predicted within 10% in sum."""
+    r = llama8b_plan
+    problem = build_problem(r.schedule.metadata.model_config, r.composition.batch, r.profile, r.gpu, 1,
+                            SolveConfig(model="llama3-8b", gpu="h200"))
+    assert r.composition.batch == BatchComposition(2048, 320, 1728, 1261, 1155)
+    ops = {o.name: o for o in problem.ops}
+    assert all(o.scale is None for name, o in ops.items() if name != "attn_prefill")
+    op = ops["attn_prefill"]
+    assert set(op.scale[0]) == {1.0}  # from position 0: the profiled layout itself
+    assert all(v >= 1.0 for row in op.scale for v in row)
+    pieces = [(0, 6), (6, 5), (11, 8), (19, 8)]  # (a, n) in 64-token granules
+    pred = [op.piece_latency_us(a, n, -1) for a, n in pieces]
+    assert sum(pred) == pytest.approx(125.0, rel=0.1)
+    assert pred[2] > 2 * op.latency_us[8][-1]  # deep in prompt A: over twice the profiled latency

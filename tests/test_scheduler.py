@@ -61,7 +61,7 @@ def test_every_request_completes_within_shape_and_reservation(decode_slots, pref
     assert alloc.free_pages == 40 and sched.committed_pages == 0
 
 
-def test_decode_slots_first_then_single_tokens_in_prefill_region():
+def test_surplus_decoders_take_only_prefill_room_no_prompt_can_use():
     alloc = PageAllocator(200, page_size=4)
     sched = Scheduler(alloc, 200, decode_slots=2, prefill_tokens=6, prefill_rows=2, max_seq_len=100)
     reqs = [Request(i, (1, 2), 50) for i in range(4)] + [Request(9, (5,), 3)]
@@ -71,16 +71,34 @@ def test_decode_slots_first_then_single_tokens_in_prefill_region():
     assert [(i.request.index, i.length) for i in first.prefill] == [(0, 2), (1, 2)]
     assert [(i.request.index, i.start, i.sample_row) for i in first.decode] == [(2, 0, -1), (3, 0, -1)]
     assert [i.sample_row for i in first.prefill] == [2, 3]  # rows after the decode slots
-    plan = first
-    for k in range(1, 12):
-        for it in plan.decode + plan.prefill:
+    plans = [first]
+
+    def step(k):
+        for it in plans[-1].decode + plans[-1].prefill:
             if it.sample_row >= 0:
                 it.request.outputs.append(0)
-        plan = sched.schedule(k)
-        assert len(plan.decode) == 2  # decode slots are always filled first
-        assert all(i.length == 1 for i in plan.prefill)  # past their prompts: single tokens
-        assert {i.request.index for i in plan.decode + plan.prefill} == {0, 1, 2, 3}  # all served
-    assert sched.waiting == [reqs[-1]]  # no room until one finishes
+        plans.append(sched.schedule(k))
+        p = plans[-1]
+        return [(i.request.index, i.start, i.length) for i in p.decode], \
+            [(i.request.index, i.start, i.length) for i in p.prefill]
+
+    # decoders 0, 1 in the slots; the last prompt tokens of 2, 3 (slots full) in the region
+    assert step(1) == ([(0, 2, 1), (1, 2, 1)], [(2, 1, 1), (3, 1, 1)])
+    # 4 decoders, 2 slots, and request 9 can be admitted: 9's prompt takes the region first, then
+    # surplus decoder 2 takes the room left (the region's last run); 3 waits
+    assert step(2) == ([(0, 3, 1), (1, 3, 1)], [(9, 0, 1), (2, 2, 1)])
+    assert not plans[-1].drain and sched.waiting == []
+    # nothing left to prefill (drain_slots 0): the least recently served first (3), the rest spill
+    assert step(3) == ([(3, 2, 1), (0, 4, 1)], [(1, 4, 1), (2, 3, 1)])
+    assert plans[-1].drain
+    for k in range(4, 12):  # 5 (then 4) decoders on 2 slots + 2 rows: none waits twice in a row
+        running = {r.index for r in sched.running}
+        step(k)
+        p = plans[-1]
+        assert p.drain and len(p.decode) == 2 and all(i.length == 1 for i in p.prefill)
+        now = {i.request.index for i in p.decode + p.prefill}
+        before = {i.request.index for i in plans[-2].decode + plans[-2].prefill}
+        assert running <= now | before
     sched.abort()
     assert alloc.free_pages == 200
 
@@ -147,3 +165,76 @@ def test_drain_plans_are_decode_only_once_no_prompt_is_left(drain_slots):
     assert alloc.free_pages == 60 and sched.committed_pages == 0
     assert seen["drain"] > 0 and seen["before_drain"] > 0
     assert seen["decode_only"] == (seen["drain"] if drain_slots else 0)
+
+
+@pytest.mark.parametrize("decode_slots,prefill_tokens,rows,drain_slots,pages", [
+    (4, 12, 3, 0, 60), (4, 12, 3, 4, 400), (3, 5, 5, 2, 40), (8, 24, 4, 8, 120), (6, 0, 0, 0, 50)])
+def test_decoders_take_only_prefill_room_no_prompt_can_use(decode_slots, prefill_tokens, rows,
+                                                                       drain_slots, pages):
+    """Hundreds of random requests: a decode in the prefill region only in room that no prompt token
+    could take; decode slots full whenever enough decoders run; admission into decode slots only
+    once every decoder is served; nobody lost, duplicated or starved; all pages free at the end."""
+    rng = random.Random(1000 * decode_slots + pages + drain_slots)
+    alloc = PageAllocator(pages, page_size=4)
+    sched = Scheduler(alloc, pages, decode_slots, prefill_tokens, rows, max_seq_len=200,
+                      drain_slots=drain_slots)
+    reqs = make(300, rng, prompt=(1, 40), new=(1, 24))
+    seen = {"spilled": 0, "spilled_while_waiting": 0, "decoders_waited": 0}
+    last_served: dict[int, int] = {}
+    gaps: list[tuple[int, int]] = []  # (plans a decoder waited, decoders running then)
+    state: dict = {}
+
+    def snapshot() -> None:  # the state `schedule` plans from
+        state["decoders"] = [r for r in sched.running if not r.prefilling]
+        state["prompts"] = [r for r in sched.running if r.prefilling]
+        state["waiting"] = list(sched.waiting)
+
+    def check(plan):
+        items = plan.decode + plan.prefill
+        served = {i.request.index for i in items}
+        assert len(served) == len(items)  # a request at most once per iteration
+        decoders, prompts = state["decoders"], state["prompts"]
+        gaps.extend((plan.iteration - last_served[r.index] - 1, len(decoders)) for r in decoders
+                    if r.index in served)
+        slots = drain_slots if plan.decode_only else decode_slots
+        spilled = [i for i in plan.prefill if i.start >= i.request.prompt_len]
+        if spilled:  # only into room no prompt token could take: every admitted prompt placed whole,
+            # the head of the queue does not fit, and the decode slots are full
+            seen["spilled"] += 1
+            assert len(plan.decode) == slots
+            assert not any(r.prefilling for r in sched.running)
+            if sched.waiting:
+                seen["spilled_while_waiting"] += 1
+                assert sched.committed_pages + sched.pages_for(sched.waiting[0]) > pages
+        # decode slots: full whenever enough decoders run, and decoders go there first
+        slot_decoders = sum(1 for i in plan.decode if i.start >= i.request.prompt_len)
+        assert slot_decoders == min(len(decoders), slots)
+        waited = [r for r in decoders if r.index not in served]
+        seen["decoders_waited"] += bool(waited and (prompts or plan.num_tokens > len(plan.decode)))
+        if len(plan.decode) < slots:  # a free slot: nobody that could have used it was left out
+            assert not waited and all(r.index in served for r in prompts)
+            assert not sched.waiting or sched.committed_pages + sched.pages_for(sched.waiting[0]) > pages
+        # admission into a decode slot only when every decoder and admitted prompt has its token
+        new_in_slots = [i for i in plan.decode if i.request in state["waiting"]]
+        if new_in_slots:
+            assert not waited and all(r.index in served for r in prompts)
+        # least recently served first: a waiting decoder was served no later than any served one
+        if waited:
+            oldest_wait = min(last_served[r.index] for r in waited)
+            assert all(last_served[i.request.index] <= oldest_wait for i in plan.decode
+                       if i.request in decoders)
+        for i in items:
+            last_served[i.request.index] = plan.iteration
+        assert sched.committed_pages <= pages
+        snapshot()
+
+    snapshot()
+    simulate(sched, reqs, check)
+    assert [len(r.outputs) for r in reqs] == [r.max_new_tokens for r in reqs]  # none lost or duplicated
+    assert alloc.free_pages == pages and sched.committed_pages == 0
+    # starvation bound: least recently served first serves D decoders within ceil(D / slots) plans
+    most = max(d for _, d in gaps)
+    min_slots = min(s for s in (decode_slots, drain_slots) if s > 0)
+    assert max(g for g, _ in gaps) <= math.ceil(most / min_slots) - 1
+    if prefill_tokens:
+        assert seen["decoders_waited"] > 0 and seen["spilled"] > 0

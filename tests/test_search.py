@@ -48,7 +48,35 @@ def tiny(rng, g=4, d=2, interference=None, **kw):
                          time_limit_s=30.0, **kw)
 
 
+def _scale(rng, c):
+    """A random position scale for a class of c granules: multiples of 1/4 in [1/4, 3], so scaled
+    integer latencies stay exact in the solver's 0.01 us units."""
+    return tuple(tuple(float(rng.integers(1, 13)) / 4 for _ in range(c + 1 - a)) for a in range(c + 1))
+
+
+def with_scales(rng, pb, names):
+    """`pb` with a random position scale on the ops `names`."""
+    def cls(o):
+        lo, hi = {"all": (0, pb.num_granules), "decode": (0, pb.decode_granules),
+                  "prefill": (pb.decode_granules, pb.num_granules)}[o.token_class]
+        return hi - lo
+
+    return dataclasses.replace(pb, ops=tuple(dataclasses.replace(o, scale=_scale(rng, cls(o)))
+                                             if o.name in names else o for o in pb.ops))
+
+
 # ---- independent brute force ------------------------------------------------------------------
+
+def _cost(pb, o, granules, j):
+    """Solo latency of op o on dense granules [start, end) on sm_options[j], per problem.py: its
+    own-class granules [a, a + n) of the class, latency_us[n][j] * scale[a][n]."""
+    lo, hi = {"all": (0, pb.num_granules), "decode": (0, pb.decode_granules),
+              "prefill": (pb.decode_granules, pb.num_granules)}[o.token_class]
+    own = [x for x in range(*granules) if lo <= x < hi]
+    n = len(own)
+    a = own[0] - lo if own else (0 if granules[1] <= lo else hi - lo)
+    return o.latency_us[n][j] * (1.0 if o.scale is None else o.scale[a][n])
+
 
 def _pieces(pb, k, bounds, splits):
     """name -> (op, dense granule range, own-class granules)."""
@@ -116,7 +144,7 @@ def brute_stage1(pb):
                 splits = dict(zip((o.name for o in pb.ops), choice, strict=True))
                 pieces = _pieces(pb, k, bounds, splits)
                 deps = _deps(pb, pieces)
-                dur = {n: o.latency_us[tok][-1] for n, (o, _, tok, _) in pieces.items()}
+                dur = {n: _cost(pb, o, rng, -1) for n, (o, rng, _, _) in pieces.items()}
                 per_stream = {}
                 for n, (o, _, tok, _) in pieces.items():
                     if tok:
@@ -165,7 +193,7 @@ def brute_stage2(pb, s, scale=1.0):
     for js in itertools.product(range(len(pb.sm_options)), repeat=len(real)):
         size = {n: pb.sm_options[j] for n, j in zip(real, js, strict=True)}
         dur = dict.fromkeys(pieces, 0.0)
-        dur.update({n: pieces[n][0].latency_us[pieces[n][2]][j] * scale
+        dur.update({n: _cost(pb, pieces[n][0], pieces[n][1], j) * scale
                     for n, j in zip(real, js, strict=True)})
         gaps = []
         for m in mem:
@@ -350,6 +378,49 @@ def test_infeasible_and_timeout_paths_explain():
     assert sol.message and sol.period_us <= solve(realistic(policy="sequential")).period_us + 1e-9
 
 
+def test_stage1_matches_brute_force_with_position_scale():
+    """Pieces cost latency_us[n] * scale[a][n] by where they start: prefill (and, generically, an
+    `all` op) with random scales; the MILP's optimum over K equals the enumeration."""
+    rng = np.random.default_rng()
+    for g, d, kmax in ((4, 1, 2), (5, int(rng.integers(1, 4)), 2), (6, int(rng.integers(1, 5)), 3)):
+        pb = with_scales(rng, tiny(rng, g=g, d=d, max_nano_batches=kmax), ("attn_p", "o_proj"))
+        milp = min(r.period_units for r in (solve_stage1(pb, k, 20) for k in range(1, kmax + 1)) if r.ok)
+        assert milp / 100 == pytest.approx(brute_stage1(pb), abs=0.011)
+
+
+def test_stage2_matches_brute_force_with_position_scale():
+    rng = np.random.default_rng()
+    pb, st = tiny2(rng, (2, 4))
+    pb = with_scales(rng, pb, ("attn_d", "o_proj"))  # o_proj.1 and attn_d.1 start at a = 2
+    r2 = solve_stage2(pb, st, 20)
+    assert r2.status == "OPTIMAL"
+    assert r2.period_units / 100 == pytest.approx(brute_stage2(pb, st), abs=0.011)
+
+
+def test_position_scale_charges_each_piece_its_own_start():
+    """Without interference every nano-op lasts exactly latency_us[n][j] * scale[a][n] of its own
+    range and SM count; the sequential period is the sum over whole classes (a = 0)."""
+    rng = np.random.default_rng()
+    pb = with_scales(rng, tiny(rng, g=6, d=int(rng.integers(1, 5)), max_nano_batches=3,
+                               split_options=(1, 3)), ("attn_p", "qkv"))
+    sol = solve(pb)
+    ops = {o.name: o for o in pb.ops}
+    for n in sol.nano_ops:
+        want = _cost(pb, ops[n.op], n.granules, pb.sm_options.index(n.num_sms))
+        assert n.end_us - n.start_us == pytest.approx(want, abs=1e-9)
+    seq = solve(dataclasses.replace(pb, policy="sequential"))
+    assert seq.period_us == pytest.approx(sum(_cost(pb, o, (0, pb.num_granules), -1) for o in pb.ops))
+    # a scale of all ones is the same problem as none: the same optimum
+    ones = dataclasses.replace(pb, ops=tuple(dataclasses.replace(
+        o, scale=None if o.scale is None else tuple((1.0,) * len(r) for r in o.scale)) for o in pb.ops))
+    plain = dataclasses.replace(pb, ops=tuple(dataclasses.replace(o, scale=None) for o in pb.ops))
+    assert solve(ones).period_us == pytest.approx(solve(plain).period_us, abs=0.011)
+
+
+def _bad_scale(p, rows):
+    return dataclasses.replace(p, ops=(*p.ops[:2], dataclasses.replace(p.ops[2], scale=rows), *p.ops[3:]))
+
+
 @pytest.mark.parametrize("change, field", [
     (lambda p: dataclasses.replace(p, sm_options=(1, 2)), "sm_options"),
     (lambda p: dataclasses.replace(p, ops=(dataclasses.replace(p.ops[0], latency_us=((0.0,),)),
@@ -357,6 +428,10 @@ def test_infeasible_and_timeout_paths_explain():
     (lambda p: dataclasses.replace(p, ops=(p.ops[0], dataclasses.replace(p.ops[1], deps=(Dep("nope"),)),
                                            *p.ops[2:])), "nope"),
     (lambda p: dataclasses.replace(p, ops=(p.ops[1], p.ops[0], *p.ops[2:])), "topological"),
+    # attn_p's prefill class has 2 granules: 3 rows of 3, 2, 1 factors
+    (lambda p: _bad_scale(p, ((1.0,) * 3,) * 3), "scale must be 3 rows"),
+    (lambda p: _bad_scale(p, ((1.0,) * 3, (1.0, float("nan")), (1.0,))), "scale factors"),
+    (lambda p: _bad_scale(p, ((1.0,) * 3, (1.0, -0.5), (1.0,))), "scale factors"),
 ])
 def test_malformed_problems_raise(change, field):
     with pytest.raises(NfsearchError, match=field):

@@ -93,8 +93,16 @@ def test_timeline_record_and_png(tmp_path):
     order = [(nop.name, s.streams[si].name, bool(eng.waits.get(nop.name))) for si, nop in eng.order]
     v = {"stamps": eng.tracer.read(), "order": order, "num_layers": s.metadata.num_layers,
          "iteration_us": 123.0}
-    tl = timeline_summary(s, {"variants": {"nano": v}, "stream_check": None})
+    sustained = {"window": (100.0, 102.5), "replays": 40, "iteration_us": 61000.0,
+                 "gpu": {"samples": 12, "sm_clock_mhz": 1620.0, "power_w": 699.0, "temperature_c": 60.0}}
+    tl = timeline_summary(s, {"variants": {"nano": v, "nano_serialized": dict(v, sustained=sustained)},
+                              "stream_check": None})
     nano = tl["variants"]["nano"]
+    assert "sustained" not in nano
+    sus = tl["variants"]["nano_serialized"]["sustained"]
+    assert sus["seconds"] == 2.5 and sus["replays"] == 40 and sus["gpu"]["sm_clock_mhz"] == 1620.0
+    assert any("sustained 2.5 s (40 replays): iteration 61.000 ms" in line and "sm_clock_mhz 1620.0" in line
+               for line in format_lines(tl))
     assert len(nano["nano_ops"]) == len(order)
     assert all(r["measured_over_predicted"] > 0 for r in nano["nano_ops"])
     busy = {st.name: sum(e.end_us - e.start_us for e in s.prediction.timeline if e.stream == st.name)

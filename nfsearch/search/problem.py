@@ -43,6 +43,13 @@ class StageOp:
 
     latency_us[n][j]: solo latency with n granules of this op's token class on sm_options[j] SMs
     (n = 0 .. num_granules; latency_us[0][j] == 0: a piece with none of its tokens costs nothing).
+
+    scale[a][n]: optional factor (finite, >= 0) on latency_us[n][·] for a piece whose own-class
+    granules start at granule `a` of the class (a = 0 .. C, n = 0 .. C - a, C = the class's granule
+    count: row a holds C + 1 - a factors). None means 1.0 everywhere: the cost depends only on how
+    many tokens a piece has. Prefill attention needs it: a query at prompt position p attends to
+    p + 1 keys, so a piece deep in a prompt costs more than latency_us[n], which was measured on
+    tokens from position 0 [S1.lat-pos].
     """
 
     name: str
@@ -51,6 +58,12 @@ class StageOp:
     graph_ops: tuple[str, ...]
     deps: tuple[Dep, ...]
     latency_us: tuple[tuple[float, ...], ...]
+    scale: tuple[tuple[float, ...], ...] | None = None
+
+    def piece_latency_us(self, a: int, n: int, j: int) -> float:
+        """Solo latency of a piece of n own-class granules from class granule a on sm_options[j]."""
+        base = self.latency_us[n][j]
+        return base if self.scale is None else base * self.scale[a][n]
 
 
 @dataclass(frozen=True)

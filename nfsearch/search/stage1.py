@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ortools.sat.python import cp_model
 
-from nfsearch.search.problem import SearchProblem
+from nfsearch.search.problem import SearchProblem, StageOp
 from nfsearch.search.timeline import Structure, class_range, piece_batches, to_units
 
 _STATUS = {cp_model.OPTIMAL: "OPTIMAL", cp_model.FEASIBLE: "FEASIBLE",
@@ -92,15 +92,32 @@ def run_solver(model: cp_model.CpModel, problem: SearchProblem, budget: float) -
     return Solved(status if values else status2, values, best_bound)
 
 
-def piece_sum_bound(table: list[int], total: int, pieces: int, min_each: int,
+def piece_sum_bound(cost: list[list[int]], total: int, pieces: int, min_each: int,
                     pick=min) -> int:
-    """Least (or, with pick=max, largest) sum of table[n_i] over `pieces` counts n_i >= min_each
-    adding up to `total` (a small DP over the token count)."""
-    best: list[float | None] = [0] + [None] * total  # best[t]: best sum so far with t tokens used
+    """Least (or, with pick=max, largest) sum of cost[a_i][n_i] over `pieces` consecutive pieces,
+    n_i >= min_each granules each, that tile [0, total): a_1 = 0, a_{i+1} = a_i + n_i (a small DP
+    over the granules used). The pieces of one op always tile its class in this order."""
+    best: list[float | None] = [0] + [None] * total  # best[t]: best sum so far with t granules used
     for _ in range(pieces):
-        best = [pick((best[t - n] + table[n] for n in range(min_each, t + 1) if best[t - n] is not None),
-                     default=None) for t in range(total + 1)]
+        best = [pick((best[t - n] + cost[t - n][n] for n in range(min_each, t + 1)
+                      if best[t - n] is not None), default=None) for t in range(total + 1)]
     return int(best[total]) if best[total] is not None else 0
+
+
+def cost_table(problem: SearchProblem, op: StageOp, full: int) -> list[list[int]]:
+    """cost[a][n]: units of a piece of n own-class granules from class granule a on all SMs
+    (a + n <= the class's granule count) [S1.lat] [S1.lat-pos]."""
+    lo, hi = class_range(problem, op.token_class)
+    c = hi - lo
+    if op.scale is None:
+        row = [to_units(op.latency_us[n][full]) for n in range(c + 1)]
+        return [row[:c + 1 - a] for a in range(c + 1)]
+    return [[to_units(op.piece_latency_us(a, n, full)) for n in range(c + 1 - a)] for a in range(c + 1)]
+
+
+def least_by_count(cost: list[list[int]]) -> list[int]:
+    """min over a of cost[a][n], per n: what a piece of n granules costs at least anywhere."""
+    return [min(cost[a][n] for a in range(len(cost) - n)) for n in range(len(cost))]
 
 
 def hull_cuts(table: list[int], lo: int, hi: int) -> list[tuple[int, int, int, int]]:
@@ -142,14 +159,15 @@ def solve_stage1(problem: SearchProblem, k: int, time_limit_s: float,
     if k > g or any(not v for v in opts.values()):
         return StageResult("INFEASIBLE")
     lat = {o.name: [to_units(row[full]) for row in o.latency_us] for o in ops}
+    cost = {o.name: cost_table(problem, o, full) for o in ops}  # [a][n], own class only
     # every start/end lies in [0, horizon]: an ASAP schedule's span is at most the sum of the chosen
     # pieces' durations (its longest path visits each piece once), so no optimum is cut off
     horizon, seq = 1, 0
     for o in ops:
         lo, hi = class_range(problem, o.token_class)
         least = 1 if (lo, hi) == (0, g) else 0
-        horizon += max(piece_sum_bound(lat[o.name], hi - lo, p, least, max) for p in opts[o.name])
-        seq += lat[o.name][hi - lo]
+        horizon += max(piece_sum_bound(cost[o.name], hi - lo, p, least, max) for p in opts[o.name])
+        seq += cost[o.name][0][hi - lo]
     m = cp_model.CpModel()
     # [S1.seq] T <= the sequential period: a worse structure is never used (stage 2 keeps the
     # sequential one as a candidate)
@@ -220,9 +238,21 @@ def solve_stage1(problem: SearchProblem, k: int, time_limit_s: float,
             x[o.name, p] = m.new_bool_var(f"x_{o.name}_{p}")
         m.add_exactly_one(x[o.name, p] for p in opts[o.name])  # [S1.split]
         lo, hi = class_range(problem, o.token_class)
+        cls = hi - lo
         table = lat[o.name]
         all_class = lo == 0 and hi == g
-        cuts = hull_cuts(table, 1 if all_class else 0, hi - lo)
+        if o.scale is None:
+            d_lo, d_hi = min(table), max(table)
+            cuts = hull_cuts(table, 1 if all_class else 0, cls)
+        else:  # [S1.lat-pos] cost[a][n]; flat index a*(C+1) + n, only cells with a + n <= C
+            flat = [max(map(max, cost[o.name]))] * (cls + 1) ** 2
+            for a_, row in enumerate(cost[o.name]):
+                flat[a_ * (cls + 1):a_ * (cls + 1) + len(row)] = row
+            cells = cp_model.Domain.from_values([a_ * (cls + 1) + n_ for a_ in range(cls + 1)
+                                                 for n_ in range(cls + 1 - a_)])
+            d_lo, d_hi = min(map(min, cost[o.name])), max(map(max, cost[o.name]))
+            # [S1.cut] on the least cost over all starts: still a lower bound for every piece
+            cuts = hull_cuts(least_by_count(cost[o.name]), 1 if all_class else 0, cls)
         for p in opts[o.name]:
             xp = x[o.name, p]
             actives = []
@@ -230,8 +260,13 @@ def solve_stage1(problem: SearchProblem, k: int, time_limit_s: float,
                 a, c = piece_batches(k, p, i)
                 tag = f"{o.name}_{p}_{i}"
                 n, z = own_count(lo, hi, a, c)
-                dur = m.new_int_var(min(table), max(table), f"d_{tag}")
-                m.add_element(n, table, dur)  # [S1.lat] latency_us[n][full] by table lookup
+                dur = m.new_int_var(d_lo, d_hi, f"d_{tag}")
+                if o.scale is None:
+                    m.add_element(n, table, dur)  # [S1.lat] latency_us[n][full] by table lookup
+                else:  # [S1.lat-pos] cost[a][n], a = clamp(b_a) - lo: the piece's start in its class
+                    cell = m.new_int_var_from_domain(cells, f"cell_{tag}")
+                    m.add(cell == (cls + 1) * (clamp(a, lo, hi) - lo) + n)
+                    m.add_element(cell, flat, dur)
                 for n1, f1, n2, f2 in cuts:  # [S1.cut] redundant: dur above the table's convex hull
                     m.add((n2 - n1) * dur >= (n2 - n1) * f1 + (f2 - f1) * (n - n1))
                 if z is True:
@@ -246,15 +281,16 @@ def solve_stage1(problem: SearchProblem, k: int, time_limit_s: float,
                 m.add(e == s + dur)
                 m.add(s == 0).only_enforce_if(~xp)  # unchosen variants: pin (symmetry)
                 iv = m.new_optional_interval_var(s, dur, e, q, f"iv_{tag}")
-                active = m.new_int_var(0, max(table), f"a_{tag}")
+                active = m.new_int_var(0, d_hi, f"a_{tag}")
                 m.add(active == dur).only_enforce_if(xp)
                 m.add(active == 0).only_enforce_if(~xp)
                 actives.append(active)
                 m.add(span >= e).only_enforce_if(q)  # span = last end (first start pinned >= 0)
                 piece[o.name, p, i] = (s, e, q)
                 by_stream.setdefault(o.kind, []).append((iv, s, e, q, active))
-            # [S1.load] redundant: the class's tokens are fixed, so p pieces cost at least this
-            least = piece_sum_bound(table, hi - lo, p, 1 if all_class else 0)
+            # [S1.load] redundant: the class's tokens are fixed and p pieces tile them in order, so
+            # they cost at least this (exact DP over (a, n), so it holds with a position scale too)
+            least = piece_sum_bound(cost[o.name], cls, p, 1 if all_class else 0)
             m.add(sum(actives) >= least * xp)
 
     for kind, items in by_stream.items():

@@ -18,7 +18,7 @@ from nfsearch.search.timeline import (
     all_pieces,
     dependency_edges,
     granules_of,
-    own_granules,
+    own_range,
     to_units,
 )
 
@@ -29,9 +29,10 @@ def slowdown(problem: SearchProblem, kind: str, other: str, j: int) -> float:
     return problem.interference.get((kind, other), (1.0,) * len(problem.sm_options))[j]
 
 
-def piece_tokens(problem: SearchProblem, s: Structure) -> dict[str, int]:
+def piece_ranges(problem: SearchProblem, s: Structure) -> dict[str, tuple[int, int]]:
+    """Piece name -> (a, n): its own-class granules are class granules [a, a + n)."""
     ops = {o.name: o for o in problem.ops}
-    return {p.name: own_granules(problem, ops[p.op], granules_of(s.boundaries, p))
+    return {p.name: own_range(problem, ops[p.op], granules_of(s.boundaries, p))
             for p in all_pieces(problem, s.num_nano_batches, s.splits)}
 
 
@@ -42,7 +43,7 @@ class _Costs:
     def __init__(self, problem: SearchProblem, s: Structure):
         self.problem = problem
         self.ops = {o.name: o for o in problem.ops}
-        self.tokens = piece_tokens(problem, s)
+        self.ranges = piece_ranges(problem, s)
         self.stream_of = {n: k for k, order in s.stream_order.items() for n in order}
         self.streams = [k for k, order in s.stream_order.items() if order]
         self.others = {a: [b for b in self.streams if b != a] for a in self.streams}
@@ -50,7 +51,8 @@ class _Costs:
                          for a, o in self.others.items()}
 
     def latency_us(self, n: str, j: int) -> float:
-        return self.ops[n.rsplit(".", 1)[0]].latency_us[self.tokens[n]][j]
+        """[S2.lat] L_i[j]: the piece's own (a, n) entry, position scale included."""
+        return self.ops[n.rsplit(".", 1)[0]].piece_latency_us(*self.ranges[n], j)
 
     def factor(self, n: str, j: int, met) -> float:
         return max((slowdown(self.problem, self.stream_of[n], b, j) for b in met), default=1.0)
@@ -259,7 +261,7 @@ def charged(problem: SearchProblem, r: StageResult, window_layers: int = 2
             d_new = exact(n, j, dur)
             if d_new < dur[n] - 1e-9:
                 sizes[n], dur[n], changed = sm[j], d_new, True
-    full = dict.fromkeys(c.tokens, 0.0)
+    full = dict.fromkeys(c.ranges, 0.0)
     full.update(dur)
     flags = {n: any(c.factor(n, sm.index(sizes[n]), (c.stream_of[jn],)) > 1.0 for jn in meets(n, dur))
              for n in c.stream_of}

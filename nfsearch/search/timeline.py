@@ -64,6 +64,13 @@ def own_granules(problem: SearchProblem, op: StageOp, granules: tuple[int, int])
     return max(0, min(granules[1], hi) - max(granules[0], lo))
 
 
+def own_range(problem: SearchProblem, op: StageOp, granules: tuple[int, int]) -> tuple[int, int]:
+    """(a, n) of a piece on dense granules `granules`: its own-class granules are class granules
+    [a, a + n), a = clamp(start) - lo (the index of StageOp.scale) [S1.lat-pos]."""
+    lo, hi = class_range(problem, op.token_class)
+    return min(max(granules[0], lo), hi) - lo, own_granules(problem, op, granules)
+
+
 def all_pieces(problem: SearchProblem, k: int, splits: dict[str, int]) -> list[Piece]:
     return [Piece(o.name, i, piece_batches(k, splits[o.name], i))
             for o in problem.ops for i in range(splits[o.name])]

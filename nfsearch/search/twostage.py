@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from nfsearch.errors import NfsearchError
 from nfsearch.search.problem import KINDS, NanoOp, SearchProblem, Solution
 from nfsearch.search.stage1 import StageResult, refine_hint, solve_stage1
-from nfsearch.search.stage2 import charged, piece_tokens, solve_stage2
+from nfsearch.search.stage2 import charged, piece_ranges, solve_stage2
 from nfsearch.search.timeline import (
     SCALE,
     Structure,
     all_pieces,
+    class_range,
     granules_of,
     layer_span_us,
     unrolled_makespan,
@@ -67,6 +68,14 @@ def validate(problem: SearchProblem) -> None:
                       f"{len(sms)} columns (sm_options)")
         if any(not (math.isfinite(v) and v >= 0) for r in lat for v in r) or any(lat[0]):
             raise bad(f"op {o.name!r}: latency_us must be finite, >= 0, and 0 for 0 granules")
+        if o.scale is not None:
+            lo, hi = class_range(problem, o.token_class)
+            c = hi - lo
+            if len(o.scale) != c + 1 or any(len(r) != c + 1 - a for a, r in enumerate(o.scale)):
+                raise bad(f"op {o.name!r}: scale must be {c + 1} rows (start granule a = 0..{c} of its "
+                          f"{o.token_class} class), row a holding {c + 1} - a factors (n = 0..{c} - a)")
+            if any(not (math.isfinite(v) and v >= 0) for r in o.scale for v in r):
+                raise bad(f"op {o.name!r}: scale factors must be finite and >= 0")
         seen[o.name] = idx
     names = ", ".join(seen)
     for idx, o in enumerate(problem.ops):
@@ -101,9 +110,9 @@ def _sequential(problem: SearchProblem) -> _Candidate:
     """One nano-batch, one stream ("compute") on all SMs: the period is the sum of solo latencies."""
     g = problem.num_granules
     s0 = Structure(1, (0, g), {o.name: 1 for o in problem.ops}, {})
-    tokens = piece_tokens(problem, s0)
-    dur = {f"{o.name}.0": o.latency_us[tokens[f"{o.name}.0"]][-1] for o in problem.ops}
-    order = tuple(n for n in dur if tokens[n] > 0)
+    ranges = piece_ranges(problem, s0)
+    dur = {f"{o.name}.0": o.piece_latency_us(*ranges[f"{o.name}.0"], -1) for o in problem.ops}
+    order = tuple(n for n in dur if ranges[n][1] > 0)
     s = Structure(1, (0, g), s0.splits, {"compute": order})
     start, t = {}, 0.0
     for n in dur:

@@ -370,10 +370,13 @@ class LLM:
             stats["loop"] = loop.summary()
 
     # ---- measurement ----------------------------------------------------------------------------
-    def time_iteration(self, iters: int = 20, warmup: int = 3) -> dict[str, float]:
+    def time_iteration(self, iters: int = 20, warmup: int = 3, warm_s: float = 0.0) -> dict[str, float]:
         """Median time of the serving forward on the schedule's own batch composition (decode slots
         at its mean context, the prefill region in prompts of its mean length), back to back with
-        no host work between: the iteration-level speed beside which end-to-end throughput is read."""
+        no host work between: the iteration-level speed beside which end-to-end throughput is read.
+
+        `warm_s`: keep replaying (untimed) for at least this long before the timed replays, so that
+        a GPU at its power cap settles to the clock it keeps under sustained load, as while serving."""
         if self._busy:
             raise NfrtError("LLM: time_iteration while a stream is running")
         comp, s = self.engine.schedule.metadata.batch, self.shape
@@ -406,6 +409,11 @@ class LLM:
                 self.kv.allocator.ensure(it.request.index, it.start + it.length)
             plan = Plan(0, tuple(decode), tuple(prefill))
             times = []
+            warm_until = time.perf_counter() + warm_s
+            while time.perf_counter() < warm_until:
+                self._launch(plan, 0, self.dense)
+                if self.cuda:
+                    self.events[0].synchronize()
             for i in range(warmup + iters):
                 t0 = time.perf_counter()
                 self._launch(plan, 0, self.dense)
@@ -431,4 +439,4 @@ class LLM:
                  "prefill_position_sum": sum(it.length * (it.length + 1) // 2 for it in prefill)}
         return {"forward_us": forward_us, "iteration_us": float(np.median(times)) * 1e6,
                 "tokens_per_s": s.dense_batch / (forward_us * 1e-6), "decode_context": ctx,
-                "prefill_context": pre_ctx, **reads}
+                "prefill_context": pre_ctx, "warm_s": warm_s, **reads}
