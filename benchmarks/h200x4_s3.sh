@@ -23,7 +23,22 @@ bench() {  # bench GPUS SCHEDULE TIMEOUT [extra args]
   CUDA_VISIBLE_DEVICES=$g timeout $t python3 -m nfsearch bench --schedule "$s" --iters 20 --out $W/bench "$@" \
     > $W/logs/bench-$(basename "$s" .yaml)$(echo "$*" | tr -cd 'a-z0-9').log 2>&1
   echo "bench $s $* rc=$?"; }
-if [ "$STAGE" = x2 ]; then
+if [ "$STAGE" = b ]; then  # after the length-biased prefill layout: re-bench (2 or 4 GPUs)
+  n=$(nvidia-smi -L | wc -l)
+  if [ "$n" -ge 4 ]; then
+    bench 0,1,2,3 schedules/llama3-70b-h200-tp4-splitwise.yaml 200 --rtol 0.1 --timeline $W/bench/tl-70b.png
+    pack
+  fi
+  bench 0 schedules/llama3-8b-h200-tp1-splitwise.yaml 200 --e2e --num-requests 1500 &
+  bench 1 schedules/llama3-8b-h200-tp1-splitwise.yaml 200 --breakdown --timeline $W/bench/tl-splitwise.png &
+  if [ "$n" -lt 4 ]; then wait; pack; a=0; b=1; else a=2; b=3; fi
+  bench $a schedules/llama3-8b-h200-tp1-const-1024-512.yaml 170 --breakdown --timeline $W/bench/tl-const.png &
+  bench $b schedules/mixtral-8x7b-h200-tp1-splitwise.yaml 170 --breakdown &
+  wait; pack
+  CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_llm_gpu.py \
+    tests/test_engine_gpu.py tests/test_bench_gpu.py > $W/logs/gpu_tests_b.log 2>&1
+  pack
+elif [ "$STAGE" = x2 ]; then
   bench 0 schedules/llama3-8b-h200-tp1-splitwise.yaml 200 --breakdown --timeline $W/bench/tl-splitwise.png &
   bench 1 schedules/llama3-8b-h200-tp1-splitwise.yaml 200 --e2e --num-requests 1500 &
   wait; pack

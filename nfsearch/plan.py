@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nfrt.config import BatchComposition, ModelConfig
+from nfrt.layout import from_zero_chunks, position_sum, prefill_chunks
 from nfrt.schedule import (
     LayerOp,
     Metadata,
@@ -97,27 +99,28 @@ def _context(op, batch: BatchComposition) -> int:
     return ctx if ctx or op.token_class == "all" else 1
 
 
-def prefill_work(prefill_context: int, start: int, end: int) -> int:
+@functools.lru_cache(maxsize=64)
+def _serving_chunks(prefill_tokens: int, prefill_context: int) -> tuple[tuple[int, int], ...]:
+    return prefill_chunks(prefill_tokens, prefill_context)
+
+
+def prefill_work(prefill_tokens: int, prefill_context: int, start: int, end: int) -> int:
     """Causal attention work of prefill tokens [start, end) of the batch layout: sum of (p + 1)
-    over their prompt positions p. The prefill region (`nfrt.batch.make_batch`, and the profiler's
-    attn_prefill batch) is prompts of `prefill_context` tokens back to back from position 0, the
-    last one partial: prefill token r sits at position r mod c and attends to r mod c + 1 keys."""
-    c = prefill_context
-
-    def upto(x: int) -> int:  # work of prefill tokens [0, x)
-        q, r = divmod(x, c)
-        return q * c * (c + 1) // 2 + r * (r + 1) // 2
-
-    return upto(end) - upto(start)
+    over their prompt positions p. The prefill region of `prefill_tokens` tokens is laid out as
+    `nfrt.batch.make_batch` (and `LLM.time_iteration`) lay it out: a stretch of back-to-back prompts
+    of `prefill_context` tokens cut where real chunked prefill puts its tokens on average
+    (`nfrt.layout.prefill_chunks`)."""
+    return position_sum(_serving_chunks(prefill_tokens, prefill_context), start, end)
 
 
 def reference_work(source: str, tokens: int, context: int) -> float:
     """Attention work of the layout `profile.latency_us("attn_prefill", tokens, context, ·)` stands
     for: the profiler times the first `tokens` tokens of length-`context` prompts from position 0
-    (nfsearch/profiler/measure.py); the analytic model charges every token (context + 1) / 2 keys."""
+    (nfsearch/profiler/measure.py, `make_batch(layout="from_zero")`); the analytic model charges
+    every token (context + 1) / 2 keys."""
     if source == "analytic":
         return tokens * (context + 1) / 2
-    return float(prefill_work(context, 0, tokens))
+    return float(position_sum(from_zero_chunks(tokens, context)))
 
 
 def _latency_by_work(profile: Profile, tokens: int, full_sms: int, min_slope_us: float):
@@ -154,12 +157,13 @@ def _latency_by_work(profile: Profile, tokens: int, full_sms: int, min_slope_us:
 def prefill_scale(batch: BatchComposition, g: int, profile: Profile, full_sms: int,
                   latency_us: list[float]) -> tuple[tuple[float, ...], ...] | None:
     """StageOp.scale of prefill attention. A piece on prefill granules [a, a + n) does the work
-    W = prefill_work(a*g, (a+n)*g) of its own prompt positions; latency_us[n] (full GPU) was
+    W = prefill_work(T, c, a*g, (a+n)*g) of its own prompt positions; latency_us[n] (full GPU) was
     profiled on a reference layout of the same token count, of work W_ref (`reference_work`). The
     piece costs latency_us[n] + f_n(W) - f_n(W_ref), f_n = the profile's latency of n*g tokens
     against work across its grid contexts (`_latency_by_work`): the profile's own marginal cost of
     work at that token count, so a piece deep in a prompt costs more and a fixed per-launch part is
-    not scaled. scale = that / latency_us[n]. With a measured profile scale[0][n] = 1."""
+    not scaled. scale = that / latency_us[n]. (A measured profile's reference layout starts at
+    position 0, the batch's does not, so even scale[0][n] is not 1.)"""
     c = batch.prefill_tokens // g
     if c == 0:
         return None
@@ -170,7 +174,7 @@ def prefill_scale(batch: BatchComposition, g: int, profile: Profile, full_sms: i
         base = latency_us[n]
         ref = f(reference_work(profile.meta.source, n * g, batch.prefill_context))
         for a in range(c + 1 - n):
-            w = prefill_work(batch.prefill_context, a * g, (a + n) * g)
+            w = prefill_work(batch.prefill_tokens, batch.prefill_context, a * g, (a + n) * g)
             rows[a][n] = round(max(0.0, base + f(w) - ref) / base, 6) if base > 0 else 1.0
     return tuple(tuple(r) for r in rows)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from nfrt.config import BatchComposition, ModelConfig
 
@@ -22,20 +22,43 @@ DEFAULT_ACTIVATION_RESERVE_FRAC = 0.10  # device memory kept for activations, wo
 BYTES_PER_PARAM = 2  # bf16 weights and KV cache
 
 
+LENGTHS = ("uniform", "const")
+
+
 @dataclass(frozen=True)
 class Workload:
+    """Mean prompt and output lengths, and how prompt lengths spread around their mean.
+
+    `lengths`: "uniform": prompt lengths uniform integers on [1, 2I - 1] (mean I; the assumption for
+    the public traces, as `nfsearch.bench_e2e.synthetic_lengths` draws them); "const": every prompt
+    is exactly I tokens. It sets the length-biased prompt length (`prefill_prompt_len`)."""
+
     name: str
     input_len: int  # mean prompt tokens per request
     output_len: int  # mean generated tokens per request
+    lengths: Literal["uniform", "const"] = "uniform"
 
     def __post_init__(self) -> None:
         for f in ("input_len", "output_len"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise NfsearchError(f"workload {self.name!r}: {f} must be an integer >= 1, got {v!r}")
+        if self.lengths not in LENGTHS:
+            raise NfsearchError(f"workload {self.name!r}: lengths must be one of {', '.join(LENGTHS)}, "
+                                f"got {self.lengths!r}")
+
+    @property
+    def prefill_prompt_len(self) -> int:
+        """Length-biased prompt length L_eff = E[L^2] / E[L]: a prefill token belongs to a prompt
+        with probability proportional to its length (docs/workload.md). Uniform on [1, 2I - 1]:
+        round((4I - 1) / 3); const: I."""
+        if self.lengths == "const":
+            return self.input_len
+        return 4 * self.input_len // 3  # = round((4I - 1) / 3): floor((x + 1) / 3) rounds x / 3
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "input_len": self.input_len, "output_len": self.output_len}
+        return {"name": self.name, "input_len": self.input_len, "output_len": self.output_len,
+                "lengths": self.lengths}
 
 
 # Mean input/output lengths of the public traces, as NanoFlow (Table 3) uses them.
@@ -59,7 +82,7 @@ def parse_workload(s: str | Workload) -> Workload:
         return _TRACES[s]
     m = _CONST.fullmatch(s.strip())
     if m:
-        return Workload(f"const:{int(m[1])}:{int(m[2])}", int(m[1]), int(m[2]))
+        return Workload(f"const:{int(m[1])}:{int(m[2])}", int(m[1]), int(m[2]), "const")
     raise NfsearchError(f"unknown workload {s!r}; valid forms: {', '.join(_TRACES)}, const:IN:OUT "
                         "(mean input and output tokens, integers >= 1)")
 
@@ -141,9 +164,11 @@ def compose_batch(model: ModelConfig, workload: Workload, gpu: GpuSpec, tp: int 
     prefill = dense_batch - decode
     if not kv_limited:
         note = (f"{decode} decode requests at mean context {decode_context} and {prefill} prefill tokens "
-                f"of {n_in}-token prompts; KV cache {decode * decode_context}/{capacity} tokens in use")
+                f"of {n_in}-token prompts (length-biased {workload.prefill_prompt_len}); KV cache "
+                f"{decode * decode_context}/{capacity} tokens in use")
     batch = BatchComposition(dense_batch=dense_batch, decode_tokens=decode, prefill_tokens=prefill,
-                             decode_context=decode_context if decode else 0, prefill_context=n_in)
+                             decode_context=decode_context if decode else 0,
+                             prefill_context=workload.prefill_prompt_len)
     return Composition(batch=batch, concurrency=decode, kv_capacity_tokens=capacity,
                        kv_bytes_per_token=kv_token, weight_bytes_per_gpu=weights, kv_limited=kv_limited,
                        note=note)

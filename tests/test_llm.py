@@ -342,10 +342,23 @@ def test_time_iteration_warms_before_timing(monkeypatch):
     llm = make_llm("tiny-llama", seed=int(torch.randint(0, 1000, ())))
     launches = []
     real = llm._launch
-    monkeypatch.setattr(llm, "_launch", lambda *a: (launches.append(time.perf_counter()), real(*a))[1])
+    plans = []
+    monkeypatch.setattr(llm, "_launch", lambda *a: (launches.append(time.perf_counter()), plans.append(a[0]),
+                                                    real(*a))[2])
     t0 = time.perf_counter()
     it = llm.time_iteration(iters=4, warmup=1, warm_s=0.3)
+    # the tokens it feeds are random ids (real data), not one repeated id: a power-capped GPU clocks
+    # identical rows higher
+    items = plans[-1].decode + plans[-1].prefill
+    fed = [i.request.prompt[i.start + k] for i in items for k in range(i.length)]
+    assert len(fed) == COMP.dense_batch and len(set(fed)) > len(fed) // 4
     assert it["warm_s"] == 0.3 and it["forward_us"] > 0
+    # the prefill region laid out as make_batch lays it out (length-biased phase, nfrt.layout)
+    from nfrt.layout import position_sum, prefill_chunks
+
+    pre = llm.shape.prefill_tokens
+    assert it["prefill_position_sum"] == position_sum(prefill_chunks(pre, it["prefill_context"]))
+    assert it["decode_context_sum"] == llm.shape.decode_slots * it["decode_context"]
     # the last 5 launches are the timed ones (1 warmup + 4); the untimed ones fill the 0.3 s before
     assert launches[-5] - t0 >= 0.3 and len(launches) > 5
     assert llm.free_pages == llm.usable_pages

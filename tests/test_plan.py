@@ -38,17 +38,27 @@ def test_plan_gives_a_valid_schedule_that_covers_the_layer(llama8b_plan):
 
 
 def test_sequential_prediction_is_the_sum_of_solo_latencies(llama8b_plan):
-    """Independently of the solver: sum the profile's full-GPU latencies of every op of the model."""
+    """Independently of the solver: sum the profile's full-GPU latencies of every op of the model,
+    prefill attention at the work of the batch's layout (the whole region as one piece: its
+    position scale, checked on its own in test_prefill_scale_reproduces_work_ratios)."""
+    from nfsearch.plan import prefill_scale
+
     r = llama8b_plan
     batch = r.composition.batch
     model = r.schedule.metadata.model_config
     total = 0.0
     from nfsearch.opgraph import layer_ops
 
+    g = SolveConfig(model="llama3-8b", gpu="h200").granularity_tokens
+    lat = [r.profile.latency_us("attn_prefill", n * g, batch.prefill_context, 132)
+           for n in range(batch.prefill_tokens // g + 1)]
+    whole = prefill_scale(batch, g, r.profile, 132, lat)[0][-1]
+    assert whole > 1.0  # the batch's prefill tokens sit deeper than the profiled from-zero layout
     for op in layer_ops(model, 1):
         tokens, ctx = op_tokens(op, batch)
         if tokens:
-            total += r.profile.latency_us(op.name, tokens, ctx, 132)
+            total += r.profile.latency_us(op.name, tokens, ctx, 132) * (whole if op.name == "attn_prefill"
+                                                                         else 1.0)
     total *= model.num_layers
     for op in tail_ops(model, 1):
         tokens, ctx = op_tokens(op, batch)
@@ -163,11 +173,23 @@ def test_partitions_narrower_than_the_gpu_are_placeable(llama8b_plan):
 # ---- position scale of prefill attention ------------------------------------------------------
 
 def _positions(prefill_tokens: int, context: int) -> list[int]:
-    """Prompt position of every prefill token, built like make_batch: whole prompts, then a head."""
+    """Prompt position of every token of the profiler's reference layout: whole prompts from
+    position 0, then a head."""
     out: list[int] = []
     while len(out) < prefill_tokens:
         out += list(range(min(context, prefill_tokens - len(out))))
     return out
+
+
+def _serving_positions(prefill_tokens: int, context: int) -> list[int]:
+    """Prompt position of every prefill token of the batch (make_batch), by brute force: the stream
+    of length-`context` prompts from the phase whose mean position is closest to (context - 1) / 2
+    (smallest on ties); a region shorter than a prompt is centred in it."""
+    T, c = prefill_tokens, context
+    if T <= c:
+        return list(range((c - T) // 2, (c - T) // 2 + T))
+    phase = min(range(c), key=lambda p: (abs(2 * sum((p + i) % c for i in range(T)) - T * (c - 1)), p))
+    return [(phase + i) % c for i in range(T)]
 
 
 def _work(pos: list[int], start: int, end: int) -> int:
@@ -200,61 +222,84 @@ def test_prefill_work_is_the_sum_of_key_counts():
         c, total = int(rng.integers(1, 300)), int(rng.integers(1, 900))
         s = int(rng.integers(0, total))
         e = int(rng.integers(s, total + 1))
-        assert prefill_work(c, s, e) == _work(_positions(total, c), s, e)
-    # the llama3-8b splitwise layout (c = 1155, 1728 prefill tokens) cut in four 432-token pieces
-    pos = _positions(1728, 1155)
-    assert [_work(pos, i * 432, (i + 1) * 432) for i in range(4)] == [93528, 280152, 303921, 154440]
+        assert prefill_work(total, c, s, e) == _work(_serving_positions(total, c), s, e)
+    # the llama3-8b splitwise layout (c = 1540, 1728 prefill tokens: positions 676-1539 of one
+    # prompt, then 0-863 of the next) cut in four 432-token pieces
+    pos = _serving_positions(1728, 1540)
+    assert [_work(pos, i * 432, (i + 1) * 432) for i in range(4)] == [385560, 572184, 93528, 280152]
+    assert prefill_work(1728, 1540, 0, 1728) == pytest.approx(1_331_524, rel=0.02)  # measured serving
+
+
+def test_make_batch_and_prefill_work_agree():
+    """The runtime's synthetic batch and the search's cost model put prefill tokens at the same
+    positions; the profiler's from-zero layout stays whole prompts from position 0."""
+    pytest.importorskip("torch")
+    from nfrt.batch import make_batch
+
+    from nfsearch.plan import prefill_work
+
+    rng = np.random.default_rng()
+    for _ in range(20):
+        T, c, d = int(rng.integers(1, 3000)), int(rng.integers(1, 2000)), int(rng.integers(0, 50))
+        comp = BatchComposition(T + d, d, T, 100 if d else 0, c)
+        b = make_batch(comp, 1000, seed=int(rng.integers(0, 1000)))
+        pos = [p.start + i for p in b.prefills for i in range(p.length)]
+        assert len(pos) == T and all(p.start + p.length <= c for p in b.prefills)
+        assert sum(p + 1 for p in pos) == prefill_work(T, c, 0, T)
+        s = int(rng.integers(0, T))
+        assert sum(p + 1 for p in pos[s:]) == prefill_work(T, c, s, T)
+        ref = make_batch(comp, 1000, layout="from_zero")
+        assert [p.start + i for p in ref.prefills for i in range(p.length)] == _positions(T, c)
 
 
 def test_prefill_scale_reproduces_work_ratios():
-    """A profile whose latency is proportional to work: scale[a][n] = W(a, n) / W(0, n), the work of
-    the piece over that of the profiled layout (1 / 2.995 / 3.250 / 1.651 for the four pieces of 432
-    tokens of the 1155/1728 layout). An affine one: (gamma + beta W) / (gamma + beta W_ref)."""
+    """A profile whose latency is proportional to work: scale[a][n] = W(a, n) / W_ref(n), the work of
+    the piece over that of the profiled from-zero layout (the four pieces of 432 tokens of the
+    1540/1728 layout: positions 676-1107, 1108-1539, 0-431, 432-863). An affine one:
+    (gamma + beta W) / (gamma + beta W_ref)."""
     from nfsearch.plan import prefill_scale
 
     rng = np.random.default_rng()
-    batch = BatchComposition(2048, 320, 1728, 1261, 1155)
+    batch = BatchComposition(2048, 320, 1728, 1261, 1540)
     g = 16  # 1728 = 108 granules; a 432-token piece is 27
-    pos = _positions(1728, 1155)
+    pos = _serving_positions(1728, 1540)
+    ref = _positions(1728, 1540)  # the profiled layout of n*g tokens: its first n*g
     contexts = (32, 128, 512, 1024, 2048, 4096)
     beta = float(rng.uniform(1e-5, 1e-3))
     prof = _WorkProfile(contexts, 0.0, beta)
-    lat = [prof.latency_us("attn_prefill", n * g, 1155, 132) for n in range(109)]
+    lat = [prof.latency_us("attn_prefill", n * g, 1540, 132) for n in range(109)]
     scale = prefill_scale(batch, g, prof, 132, lat)
     assert len(scale) == 109 and all(len(r) == 109 - a for a, r in enumerate(scale))
-    want = [_work(pos, i * 432, (i + 1) * 432) / _work(pos, 0, 432) for i in range(4)]
+    want = [_work(pos, i * 432, (i + 1) * 432) / _work(ref, 0, 432) for i in range(4)]
     assert [scale[27 * i][27] for i in range(4)] == pytest.approx(want, rel=1e-5)
-    assert want == pytest.approx([1.0, 2.99538, 3.24952, 1.65127], rel=1e-5)
+    assert want == pytest.approx([4.12240, 6.11778, 1.0, 2.99538], rel=1e-5)
     for _ in range(30):
         n = int(rng.integers(1, 109))
         a = int(rng.integers(0, 109 - n))
-        assert scale[a][n] == pytest.approx(_work(pos, a * g, (a + n) * g) / _work(pos, 0, n * g), rel=1e-5)
+        assert scale[a][n] == pytest.approx(_work(pos, a * g, (a + n) * g) / _work(ref, 0, n * g), rel=1e-5)
     gamma = float(rng.uniform(2, 20))
     prof = _WorkProfile(contexts, gamma, beta)
-    lat = [prof.latency_us("attn_prefill", n * g, 1155, 132) for n in range(109)]
+    lat = [prof.latency_us("attn_prefill", n * g, 1540, 132) for n in range(109)]
     scale = prefill_scale(batch, g, prof, 132, lat)
     for _ in range(30):
         n = int(rng.integers(1, 109))
         a = int(rng.integers(0, 109 - n))
-        w, w_ref = _work(pos, a * g, (a + n) * g), _work(pos, 0, n * g)
+        w, w_ref = _work(pos, a * g, (a + n) * g), _work(ref, 0, n * g)
         assert scale[a][n] == pytest.approx((gamma + beta * w) / (gamma + beta * w_ref), rel=1e-5)
 
 
 def test_attn_prefill_gets_a_position_scale_from_the_measured_profile(llama8b_plan):
-    """Only attn_prefill is scaled; pieces from position 0 keep the profiled latency, deeper ones
-    cost more. On the H200 profile, the four pieces of the benchmarked schedule (prefill tokens
-    0-383, 384-703, 704-1215, 1216-1727; serialized graph measured 22 / 28 / 50 / 25 us, 125 in
-    all) are predicted within 10% in sum."""
+    """Only attn_prefill is scaled; a piece costs at least the profiled (from-zero) layout of its
+    token count, more the deeper its tokens sit. The batch's 1728 prefill tokens are positions
+    676-1539 of one 1540-token prompt, then 0-863 of the next (granule 14 = token 896, position 32)."""
     r = llama8b_plan
     problem = build_problem(r.schedule.metadata.model_config, r.composition.batch, r.profile, r.gpu, 1,
                             SolveConfig(model="llama3-8b", gpu="h200"))
-    assert r.composition.batch == BatchComposition(2048, 320, 1728, 1261, 1155)
+    assert r.composition.batch == BatchComposition(2048, 320, 1728, 1261, 1540)
     ops = {o.name: o for o in problem.ops}
     assert all(o.scale is None for name, o in ops.items() if name != "attn_prefill")
     op = ops["attn_prefill"]
-    assert set(op.scale[0]) == {1.0}  # from position 0: the profiled layout itself
     assert all(v >= 1.0 for row in op.scale for v in row)
-    pieces = [(0, 6), (6, 5), (11, 8), (19, 8)]  # (a, n) in 64-token granules
-    pred = [op.piece_latency_us(a, n, -1) for a, n in pieces]
-    assert sum(pred) == pytest.approx(125.0, rel=0.1)
-    assert pred[2] > 2 * op.latency_us[8][-1]  # deep in prompt A: over twice the profiled latency
+    assert op.scale[0][6] > 2.0  # positions 676-1059: over twice the profiled 0-383
+    assert 1.0 <= op.scale[14][6] < 1.25  # positions 32-415: about the profiled layout
+    assert op.piece_latency_us(0, 6, -1) > op.piece_latency_us(14, 6, -1)

@@ -39,7 +39,7 @@ def test_composition_sums_random() -> None:
         ctx = (n_in, n_out, dense)
         assert b.decode_tokens + b.prefill_tokens == b.dense_batch, ctx
         assert comp.concurrency == b.decode_tokens
-        assert b.prefill_context == n_in
+        assert b.prefill_context == round((4 * n_in - 1) / 3)  # length-biased, uniform lengths
         if b.decode_tokens:
             assert abs(b.decode_context - (n_in + n_out / 2)) <= 0.5, ctx
         assert b.decode_tokens * b.decode_context <= comp.kv_capacity_tokens, ctx
@@ -136,3 +136,22 @@ def test_smallest_tp_is_the_least_degree_that_fits():
         compose_batch(resolve_model("llama2-70b"), w, h200, tp=1, round_to=64)
     with pytest.raises(NfsearchError, match="does not fit"):
         smallest_tp(resolve_model("llama2-70b"), w, h200, candidates=(1,))
+
+
+def test_prefill_context_is_the_length_biased_prompt_length() -> None:
+    """Uniform lengths on [1, 2I - 1]: L_eff = E[L^2] / E[L] = (4I - 1) / 3 (1540 for splitwise);
+    const: exactly I."""
+    model, gpu = resolve_model("llama3-8b"), resolve_gpu("h200")
+    assert compose_batch(model, parse_workload("splitwise"), gpu, round_to=64).batch.prefill_context == 1540
+    rng = random.Random()
+    for _ in range(20):
+        n_in, n_out = rng.randint(1, 3000), rng.randint(1, 500)
+        const = parse_workload(f"const:{n_in}:{n_out}")
+        assert const.lengths == "const" and const.to_dict()["lengths"] == "const"
+        assert compose_batch(model, const, gpu).batch.prefill_context == n_in
+        lengths = range(1, 2 * n_in)  # exact E[L^2] / E[L] of the uniform assumption
+        l_eff = sum(x * x for x in lengths) / sum(lengths)
+        assert abs(Workload("w", n_in, n_out).prefill_prompt_len - l_eff) <= 0.5
+    assert {w.lengths for w in (parse_workload(n) for n in ("splitwise", "lmsys", "sharegpt"))} == {"uniform"}
+    with pytest.raises(NfsearchError, match="lengths must be one of uniform, const"):
+        Workload("w", 10, 10, "zipf")

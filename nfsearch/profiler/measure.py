@@ -194,8 +194,9 @@ class GpuTimer:
             else:
                 comp = BatchComposition(self.max_pre, 0, self.max_pre, 0, context)
             # distinct sequence ids per batch: the allocator keeps each sequence's pages
+            # attn_prefill's reference layout stays prompts from position 0 (nfsearch.plan.reference_work)
             batch = make_batch(comp, self.cfg.vocab_size, seed=self.seed,
-                               first_seq_id=len(self._buffers) * 1_000_000)
+                               first_seq_id=len(self._buffers) * 1_000_000, layout="from_zero")
             buf = BatchBuffers(BatchShape.of(batch), self.dev)
             buf.prepare(batch, self.alloc)
             self._buffers[key] = buf

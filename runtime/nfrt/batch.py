@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from nfrt.config import BatchComposition
 from nfrt.errors import NfrtError
 from nfrt.kvcache import PAGE_SIZE, PageAllocator, slot_of
+from nfrt.layout import from_zero_chunks, prefill_chunks
 
 
 @dataclass(frozen=True)
@@ -183,22 +185,30 @@ class BatchBuffers:
                 dst.copy_(src.pin_memory() if dst.is_cuda else src, non_blocking=dst.is_cuda)
 
 
-def make_batch(composition: BatchComposition, vocab_size: int, seed: int = 0, first_seq_id: int = 0) -> Batch:
-    """A synthetic batch of `composition`: decode requests at the mean context, then prefill chunks
-    of prompts of the mean prompt length (the last chunk is the head of one more prompt)."""
+def make_batch(composition: BatchComposition, vocab_size: int, seed: int = 0, first_seq_id: int = 0,
+               layout: Literal["serving", "from_zero"] = "serving") -> Batch:
+    """A synthetic batch of `composition`: decode requests at the mean context, then the prefill
+    region as chunks of back-to-back prompts of `prefill_context` tokens.
+
+    `layout`: "serving" (default) cuts the prompt stream where real chunked prefill puts its tokens
+    on average (`nfrt.layout.prefill_chunks`: the first chunk may start mid-prompt; the KV of the
+    positions before it are pages holding whatever); "from_zero" is the profiler's reference layout
+    (`nfrt.layout.from_zero_chunks`: whole prompts from position 0, the last one partial)."""
     c = composition
+    if layout not in ("serving", "from_zero"):
+        raise NfrtError(f"make_batch: layout must be 'serving' or 'from_zero', got {layout!r}")
     rng = random.Random(seed)
     seq = first_seq_id
     decodes = []
     for _ in range(c.decode_tokens):
         decodes.append(DecodeRequest(seq, c.decode_context))
         seq += 1
-    prefills, left = [], c.prefill_tokens
-    while left > 0:
-        n = min(left, c.prefill_context)
-        prefills.append(PrefillChunk(seq, 0, n))
-        seq += 1
-        left -= n
+    prefills = []
+    if c.prefill_tokens:
+        chunker = prefill_chunks if layout == "serving" else from_zero_chunks
+        for start, n in chunker(c.prefill_tokens, c.prefill_context):
+            prefills.append(PrefillChunk(seq, start, n))
+            seq += 1
     ids = [rng.randrange(vocab_size) for _ in range(c.dense_batch)]
     return Batch(tuple(decodes), tuple(prefills), tuple(ids))
 

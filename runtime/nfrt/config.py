@@ -131,7 +131,8 @@ class BatchComposition:
 
     Tokens [0, decode_tokens) are one token each of `decode_tokens` running requests, whose mean
     KV length (including the new token) is `decode_context`; tokens
-    [decode_tokens, dense_batch) are prefill tokens of prompts of mean length `prefill_context`.
+    [decode_tokens, dense_batch) are prefill tokens of prompts of length `prefill_context`: the
+    length-biased prompt length E[L^2]/E[L] (docs/workload.md), laid out by `nfrt.layout`.
     """
 
     dense_batch: int

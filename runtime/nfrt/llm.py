@@ -34,6 +34,7 @@ from nfrt.config import BatchComposition
 from nfrt.engine import Engine
 from nfrt.errors import NfrtError
 from nfrt.kvcache import PAGE_SIZE, KVCache
+from nfrt.layout import position_sum, prefill_chunks
 from nfrt.loop_stats import LoopStats, Stopwatch
 from nfrt.sampling import SamplingParams, request_key, sample
 from nfrt.schedule import Schedule
@@ -372,8 +373,9 @@ class LLM:
     # ---- measurement ----------------------------------------------------------------------------
     def time_iteration(self, iters: int = 20, warmup: int = 3, warm_s: float = 0.0) -> dict[str, float]:
         """Median time of the serving forward on the schedule's own batch composition (decode slots
-        at its mean context, the prefill region in prompts of its mean length), back to back with
-        no host work between: the iteration-level speed beside which end-to-end throughput is read.
+        at its mean context, the prefill region laid out by `nfrt.layout.prefill_chunks` in prompts of
+        its `prefill_context`, as `make_batch` does), back to back with no host work between: the
+        iteration-level speed beside which end-to-end throughput is read.
 
         `warm_s`: keep replaying (untimed) for at least this long before the timed replays, so that
         a GPU at its power cap settles to the clock it keeps under sustained load, as while serving."""
@@ -382,10 +384,15 @@ class LLM:
         comp, s = self.engine.schedule.metadata.batch, self.shape
         free = self.free_pages
         want_ctx = max(1, min(comp.decode_context, self.max_seq_len))
-        pre_ctx = max(1, min(comp.prefill_context or 1, self.max_seq_len, s.prefill_tokens or 1))
-        n_pre = math.ceil(s.prefill_tokens / pre_ctx) if s.prefill_tokens else 0
-        n_pre = min(n_pre, s.prefill_rows)
-        pre_pages = n_pre * math.ceil(pre_ctx / PAGE_SIZE)
+        # the prefill region laid out as the schedule's synthetic batch (nfrt.layout.prefill_chunks):
+        # where real chunked prefill puts its tokens in the prompts, on average
+        pre_ctx = max(1, min(comp.prefill_context or 1, self.max_seq_len))
+        chunks = prefill_chunks(s.prefill_tokens, pre_ctx)
+        if len(chunks) > s.prefill_rows:  # too many prompts for the rows: longer ones, fewer runs
+            fewer = math.ceil(s.prefill_tokens / max(1, s.prefill_rows - 1))
+            pre_ctx = min(self.max_seq_len, max(pre_ctx, fewer))
+            chunks = prefill_chunks(s.prefill_tokens, pre_ctx)
+        pre_pages = sum(math.ceil((a + n) / PAGE_SIZE) for a, n in chunks)
         per_dec = max(1, (free - pre_pages) // max(1, s.decode_slots)) if s.decode_slots else 0
         ctx = min(want_ctx, per_dec * PAGE_SIZE) if s.decode_slots else 0
         if s.decode_slots and ctx < 1:
@@ -393,17 +400,22 @@ class LLM:
         base = 1 << 40
         reqs = []
         decode = []
+        # random token ids, as real prompts have: a GPU at its power cap clocks a batch of one repeated
+        # token (identical activation rows) higher than real data (H200, 2026-11-21: 1725 vs 1590 MHz)
+        rng = np.random.default_rng(0)
+
+        def ids(n: int) -> tuple[int, ...]:
+            return tuple(rng.integers(0, self.config.vocab_size, n).tolist())
+
         for j in range(s.decode_slots):
-            r = Request(base + j, (0,) * ctx, 1, num_sampled=1)
+            r = Request(base + j, (0,) * (ctx - 1) + ids(1), 1, num_sampled=1)
             decode.append(Item(r, ctx - 1, 1, j))
             reqs.append(r)
-        prefill, left = [], s.prefill_tokens
-        for k in range(n_pre):
-            n = min(pre_ctx, left) if k < n_pre - 1 else left
-            r = Request(base + s.decode_slots + k, (0,) * n, 1, num_sampled=1)
-            prefill.append(Item(r, 0, n, s.decode_slots + k))
+        prefill = []
+        for k, (a, n) in enumerate(chunks):
+            r = Request(base + s.decode_slots + k, (0,) * a + ids(n), 1, num_sampled=1)
+            prefill.append(Item(r, a, n, s.decode_slots + k))
             reqs.append(r)
-            left -= n
         try:
             for it in decode + prefill:
                 self.kv.allocator.ensure(it.request.index, it.start + it.length)
@@ -436,7 +448,7 @@ class LLM:
                 self.kv.allocator.free(r.index)
         # what attention reads in this batch, as nfrt.loop_stats counts it per serving iteration
         reads = {"decode_context_sum": sum(it.start + 1 for it in decode),
-                 "prefill_position_sum": sum(it.length * (it.length + 1) // 2 for it in prefill)}
+                 "prefill_position_sum": position_sum(chunks)}
         return {"forward_us": forward_us, "iteration_us": float(np.median(times)) * 1e6,
                 "tokens_per_s": s.dense_batch / (forward_us * 1e-6), "decode_context": ctx,
                 "prefill_context": pre_ctx, "warm_s": warm_s, **reads}
