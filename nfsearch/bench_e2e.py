@@ -115,7 +115,7 @@ def run_e2e(args: argparse.Namespace) -> int:
     n = args.num_requests
     if n is not None and n < 1:
         raise NfsearchError(f"--num-requests must be >= 1, got {n}")
-    warm_s = getattr(args, "iteration_warm_s", DEFAULT_ITERATION_WARM_S)
+    warm_s = args.iteration_warm_s
     if not warm_s >= 0.0:
         raise NfsearchError(f"--iteration-warm-s must be >= 0, got {warm_s!r}")
     if args.device not in ("cuda", "cpu"):

@@ -1,7 +1,7 @@
 """CPU simulation of the continuous-batching scheduler (`nfrt.scheduler`) on the e2e benchmark's load.
 
-Drives the real `Scheduler` with a fake page allocator (no torch, no model) on the shape and load of
-`nfsearch bench --e2e` for llama3-8b splitwise on an H200 (benchmarks/runs/
+Drives the real `Scheduler` with the real page allocator (`nfrt.kvcache.PageAllocator`; no model,
+no GPU) on the shape and load of `nfsearch bench --e2e` for llama3-8b splitwise on an H200 (benchmarks/runs/
 llama3-8b-h200-splitwise-20261121T110722Z-e2e.json): dense batch 2048 = 320 decode slots + 1728
 prefill tokens in up to 224 prefill rows, a decode-only drain of 320 slots, 56132 KV pages of 16
 positions (one of them the scratch page), 1500 requests with lengths from
@@ -26,42 +26,18 @@ spilled decode run (68.7 ms median with such runs vs 60.9 ms without); a decode-
 from __future__ import annotations
 
 import argparse
-import math
 import subprocess
 import sys
 import types
 from pathlib import Path
+
+from nfrt.kvcache import PageAllocator
 
 from nfsearch.bench_e2e import synthetic_lengths
 
 DENSE_MS, SPILL_MS, DECODE_ONLY_MS = 60.9, 7.8, 13.8
 PHASES = ("ramp_up", "steady", "drain")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class FakeAllocator:
-    """Page accounting of `nfrt.kvcache.PageAllocator` without the tensors: page ids 1..num_pages-1."""
-
-    def __init__(self, num_pages: int, page_size: int = 16) -> None:
-        self.page_size = page_size
-        self.free_list = list(range(num_pages - 1, 0, -1))  # page 0: the scratch page
-        self.held: dict[int, list[int]] = {}
-
-    @property
-    def free_pages(self) -> int:
-        return len(self.free_list)
-
-    def ensure(self, seq_id: int, num_tokens: int) -> list[int]:
-        pages = self.held.setdefault(seq_id, [])
-        need = math.ceil(num_tokens / self.page_size) - len(pages)
-        if need > len(self.free_list):
-            raise RuntimeError(f"fake allocator: out of pages for sequence {seq_id}")
-        for _ in range(max(need, 0)):
-            pages.append(self.free_list.pop())
-        return pages
-
-    def free(self, seq_id: int) -> None:
-        self.free_list.extend(self.held.pop(seq_id, []))
 
 
 def load_scheduler(rev: str | None):
@@ -83,7 +59,7 @@ def blank() -> dict[str, float]:
 
 
 def simulate(mod, args) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    alloc = FakeAllocator(args.pages, args.page_size)
+    alloc = PageAllocator(args.pages - 1, args.page_size)  # the scratch page is not handed out
     sched = mod.Scheduler(alloc, args.pages - 1, args.decode_slots, args.prefill_tokens, args.prefill_rows,
                           args.max_seq_len, drain_slots=args.drain_slots)
     pairs = synthetic_lengths(args.input_mean, args.output_mean, args.num_requests, args.seed)

@@ -420,19 +420,18 @@ class LLM:
             for it in decode + prefill:
                 self.kv.allocator.ensure(it.request.index, it.start + it.length)
             plan = Plan(0, tuple(decode), tuple(prefill))
-            times = []
-            warm_until = time.perf_counter() + warm_s
-            while time.perf_counter() < warm_until:
-                self._launch(plan, 0, self.dense)
-                if self.cuda:
-                    self.events[0].synchronize()
-            for i in range(warmup + iters):
+
+            def once() -> float:  # one iteration, host-timed from launch to its sampled ids
                 t0 = time.perf_counter()
                 self._launch(plan, 0, self.dense)
                 if self.cuda:
                     self.events[0].synchronize()
-                if i >= warmup:
-                    times.append(time.perf_counter() - t0)
+                return time.perf_counter() - t0
+
+            warm_until = time.perf_counter() + warm_s
+            while time.perf_counter() < warm_until:  # untimed: the clock settles
+                once()
+            times = [once() for _ in range(warmup + iters)][warmup:]
             if self.cuda:  # device time of the forward alone, with events around back-to-back replays
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
