@@ -26,6 +26,7 @@ from nfrt.atomic import atomic_write_bytes
 from nfsearch.errors import NfsearchError
 
 # Validation and the table schema live in nfsearch.profile_validate; public names re-exported here.
+from nfsearch.profile_validate import CLOCK_COLUMN as CLOCK_COLUMN
 from nfsearch.profile_validate import INTERFERENCE_COLUMNS as INTERFERENCE_COLUMNS
 from nfsearch.profile_validate import KINDS as KINDS
 from nfsearch.profile_validate import LATENCY_COLUMNS as LATENCY_COLUMNS
@@ -120,6 +121,7 @@ class _OpGrid:
     contexts: list[int]  # [0] when the op's cost does not depend on context
     sms: list[int]
     lat: np.ndarray  # [contexts, tokens, sms]
+    cycles: np.ndarray | None  # lat * the point's SM clock (us * MHz), when the profile has clocks
 
 
 @dataclass(frozen=True, eq=False)
@@ -166,12 +168,27 @@ class Profile:
         """(0,) for an op whose latency does not depend on context."""
         return tuple(self._grid(op).contexts)
 
-    def latency_us(self, op: str, tokens: float, context: float, num_sms: float) -> float:
+    @property
+    def has_clocks(self) -> bool:
+        """Whether every latency point carries the SM clock it was measured at."""
+        return CLOCK_COLUMN in self.latency.columns
+
+    def latency_us(self, op: str, tokens: float, context: float, num_sms: float,
+                   clock_mhz: float | None = None) -> float:
         """Solo latency, interpolated linearly in tokens, context and num_sms between grid points.
 
-        0.0 for tokens == 0. `context` is ignored for ops profiled at context 0 only.
+        0.0 for tokens == 0. `context` is ignored for ops profiled at context 0 only. With
+        `clock_mhz` (and a profile with clocks), the latency at that SM clock: the points' cycles
+        (latency x their clock) are interpolated and divided by it, the rule for ops whose time
+        scales with the clock (docs/profile-format.md, "Clocks"). Without clocks in the profile,
+        `clock_mhz` is ignored.
         """
         g = self._grid(op)
+        table = g.lat
+        if clock_mhz is not None and g.cycles is not None:
+            if not _is_num(clock_mhz) or not clock_mhz > 0:
+                raise ProfileRangeError(f"profile: clock_mhz must be positive, got {clock_mhz!r}")
+            table = g.cycles
         if tokens == 0:
             return 0.0
         ti = _bracket(g.tokens, tokens, op, "tokens")
@@ -186,8 +203,8 @@ class Profile:
                     continue
                 for s, ws in ((si[0], 1.0 - si[2]), (si[1], si[2])):
                     if ws:
-                        total += wc * wt * ws * float(g.lat[c, t, s])
-        return total
+                        total += wc * wt * ws * float(table[c, t, s])
+        return total if table is g.lat else total / float(clock_mhz)
 
     def slowdown(self, kind: str, other_kind: str, num_sms: float) -> float:
         """Slowdown (>= 1) of `kind` on `num_sms` SMs beside `other_kind`; 1.0 for an absent pair."""
@@ -216,9 +233,9 @@ class Profile:
             "format_version": FORMAT_VERSION,
             "meta": self.meta.to_dict(),
             "tables": {
-                "latency": {"columns": list(LATENCY_COLUMNS), "data": [
-                    [str(o), int(t), int(c), int(s), float(x)] for o, t, c, s, x in
-                    self.latency.itertuples(index=False, name=None)]},
+                "latency": {"columns": list(LATENCY_COLUMNS) + ([CLOCK_COLUMN] if self.has_clocks else []),
+                            "data": [[str(r[0]), int(r[1]), int(r[2]), int(r[3])] + [float(x) for x in r[4:]]
+                                     for r in self.latency.itertuples(index=False, name=None)]},
                 "interference": {"columns": list(INTERFERENCE_COLUMNS), "data": [
                     [str(k), str(o), int(s), float(x)] for k, o, s, x in
                     self.interference.itertuples(index=False, name=None)]},
@@ -245,8 +262,8 @@ class Profile:
         unknown = sorted(set(tables) - {"latency", "interference"})
         if unknown:
             raise ProfileError(f"tables: unknown table(s) {', '.join(unknown)}; valid: latency, interference")
-        frames = [_frame(tables, name, cols) for name, cols in
-                  (("latency", LATENCY_COLUMNS), ("interference", INTERFERENCE_COLUMNS))]
+        frames = [_frame(tables, name, cols, opt) for name, cols, opt in
+                  (("latency", LATENCY_COLUMNS, (CLOCK_COLUMN,)), ("interference", INTERFERENCE_COLUMNS, ()))]
         return cls(meta, frames[0], frames[1])
 
     def canonical_bytes(self) -> bytes:
@@ -364,8 +381,14 @@ def _build_grids(lat: pd.DataFrame, sm_grid: tuple[int, ...]) -> dict[str, _OpGr
                                f"num_sms={s} (each op needs every (context, tokens, num_sms) combination "
                                f"of its grid, so interpolation is defined)")
         # rows are sorted by (op, tokens, context, num_sms): reshape, then put context first
-        arr = g["latency_us"].to_numpy(dtype=np.float64).reshape(len(tokens), len(contexts), len(sm_grid))
-        grids[op] = _OpGrid(tokens, contexts, list(sm_grid), np.ascontiguousarray(arr.transpose(1, 0, 2)))
+        shape = (len(tokens), len(contexts), len(sm_grid))
+        arr = g["latency_us"].to_numpy(dtype=np.float64).reshape(shape)
+        cycles = None
+        if CLOCK_COLUMN in g.columns:
+            cyc = arr * g[CLOCK_COLUMN].to_numpy(dtype=np.float64).reshape(shape)
+            cycles = np.ascontiguousarray(cyc.transpose(1, 0, 2))
+        grids[op] = _OpGrid(tokens, contexts, list(sm_grid), np.ascontiguousarray(arr.transpose(1, 0, 2)),
+                            cycles)
     return grids
 
 

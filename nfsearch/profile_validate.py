@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from nfsearch.profile import ProfileMeta
 
 LATENCY_COLUMNS = ("op", "tokens", "context", "num_sms", "latency_us")
+# Optional last latency column: the SM clock measured right after the point's timed replays (all
+# rows or none). With it, a latency converts to any clock (docs/profile-format.md, "Clocks").
+CLOCK_COLUMN = "sm_clock_mhz"
+CLOCK_DECIMALS = 1
 INTERFERENCE_COLUMNS = ("kind", "other_kind", "num_sms", "slowdown")
 KINDS = ("compute", "memory", "network", "other")
 # Fixed rounding makes saved bytes (and so the hash) deterministic: 1e-4 us = 0.1 ns.
@@ -42,7 +46,8 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool | np.bool_)
 
 
-def _frame(tables: dict[str, Any], name: str, cols: tuple[str, ...]) -> pd.DataFrame:
+def _frame(tables: dict[str, Any], name: str, cols: tuple[str, ...],
+           optional: tuple[str, ...] = ()) -> pd.DataFrame:
     t = tables.get(name)
     if not (isinstance(t, dict) and isinstance(t.get("columns"), list) and isinstance(t.get("data"), list)):
         raise ProfileError(f"tables.{name} must be a mapping with lists 'columns' and 'data' "
@@ -55,14 +60,14 @@ def _frame(tables: dict[str, Any], name: str, cols: tuple[str, ...]) -> pd.DataF
         if not isinstance(row, list) or len(row) != len(columns):
             raise ProfileError(f"tables.{name} row {i}: expected a list of {len(columns)} values "
                                f"({', '.join(map(str, columns))}), got {row!r}")
-    _check_columns(name, list(columns), cols)
+    _check_columns(name, list(columns), cols, optional)
     # object dtype keeps the JSON values as they are, so the checks see wrong types, not coercions
     return pd.DataFrame(t["data"], columns=columns, dtype=object)
 
 
-def _check_columns(name: str, got: list[Any], want: tuple[str, ...]) -> None:
+def _check_columns(name: str, got: list[Any], want: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
     missing = [c for c in want if c not in got]
-    extra = [str(c) for c in got if c not in want]
+    extra = [str(c) for c in got if c not in want and c not in optional]
     dup = sorted({str(c) for c in got if got.count(c) > 1})
     if missing:
         raise ProfileError(f"tables.{name}: missing column(s) {', '.join(missing)}")
@@ -110,7 +115,7 @@ def _check_latency(df: Any, meta: ProfileMeta) -> pd.DataFrame:
     name = "latency"
     if not isinstance(df, pd.DataFrame):
         raise ProfileError(f"tables.{name} must be a DataFrame, got {type(df).__name__}")
-    _check_columns(name, list(df.columns), LATENCY_COLUMNS)
+    _check_columns(name, list(df.columns), LATENCY_COLUMNS, (CLOCK_COLUMN,))
     if len(df) == 0:
         raise ProfileError(f"tables.{name} has no rows")
     df = df.reset_index(drop=True)
@@ -134,6 +139,11 @@ def _check_latency(df: Any, meta: ProfileMeta) -> pd.DataFrame:
     ))
     out = pd.DataFrame({"op": pd.Series(cols["op"], dtype=object), "tokens": tok, "context": ctx,
                         "num_sms": sms, "latency_us": np.round(lat, LATENCY_DECIMALS)})
+    if CLOCK_COLUMN in df.columns:
+        mhz = np.asarray(_check_values(df, name, CLOCK_COLUMN, "num"), dtype=np.float64)
+        _check_rows(name, ((~np.isfinite(mhz) | (mhz <= 0),
+                            lambda i: f"{CLOCK_COLUMN} must be a positive number, got {mhz[i]}"),))
+        out[CLOCK_COLUMN] = np.round(mhz, CLOCK_DECIMALS)
     key = ["op", "tokens", "context", "num_sms"]
     _check_duplicates(out, name, key, "grid point")
     return out.sort_values(key, kind="stable").reset_index(drop=True)

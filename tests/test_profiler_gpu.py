@@ -45,6 +45,34 @@ def test_tiny_profile_end_to_end(tmp_path, name: str) -> None:
     # decode attention reads 8x the KV at 256 than at 32 tokens of context: it must take longer
     s = grid.sms[-1]
     assert prof.latency_us("attn_decode", 128, 256, s) > prof.latency_us("attn_decode", 128, 32, s)
+    # every point carries the clock it ran at; a latency converts to another clock by its cycles
+    assert prof.has_clocks and (prof.latency["sm_clock_mhz"].between(300, 3000)).all()
+    f = float(prof.latency["sm_clock_mhz"].median())
+    at_half = prof.latency_us("qkv_proj", 128, 0, s, clock_mhz=f / 2)
+    assert at_half == pytest.approx(2 * prof.latency_us("qkv_proj", 128, 0, s, clock_mhz=f))
+
+
+def test_clock_probe_reads_the_sm_clock() -> None:
+    """The %clock64 probe agrees with the clock the driver reports (torch.cuda.clock_rate, MHz, via
+    NVML) within 15% when it can be read, and with itself within 10% over five readings; it lies between
+    the GPU's slowest and fastest plausible clocks."""
+    from nfsearch.profiler.clock import ClockProbe
+
+    probe = ClockProbe(torch.device("cuda", 0))
+    stream = torch.cuda.Stream()
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.cuda.stream(stream):
+        for _ in range(50):  # some load, so the clock is a working one
+            a @ a
+    readings = [probe.mhz(stream) for _ in range(5)]
+    assert all(300 < r < 3000 for r in readings), readings
+    assert max(readings) / min(readings) < 1.10, readings
+    try:
+        nvml_mhz = torch.cuda.clock_rate(0)
+    except Exception:  # no pynvml on this machine
+        nvml_mhz = None
+    if nvml_mhz:
+        assert 0.85 < readings[-1] / nvml_mhz < 1.15, (readings, nvml_mhz)
 
 
 def test_timer_refuses_tp_without_a_group() -> None:

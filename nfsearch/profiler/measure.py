@@ -41,6 +41,7 @@ from nfrt.tp import TPGroup, random_shard_weights, shard_config
 
 from nfsearch.bench_measure import allreduce_busbw_gbps, ceilings, driver_version
 from nfsearch.errors import NfsearchError
+from nfsearch.profiler.clock import ClockProbe
 from nfsearch.profiler.grid import Point, ProfileGrid
 from nfsearch.profiler.run import NVLINK_PROBE_MIB, CoRun, Tick
 
@@ -124,6 +125,7 @@ class GpuTimer:
             anchor.capture_end()
         self._anchor = (anchor, anchor_x)
         self.props = torch.cuda.get_device_properties(self.dev)
+        self.clock = ClockProbe(self.dev)
 
     # ---- tensor parallelism ---------------------------------------------------------------
     def agree(self, values: list[float]) -> list[float]:
@@ -166,7 +168,9 @@ class GpuTimer:
                 f"attn_prefill tokens are make_batch chunks of prompts of length `context`. Interference: "
                 f"each op looped in its own CUDA graph (~3 ms), both replayed concurrently for "
                 f"{self.grid.corun_s:g} s on make_layout ranges compute [0, c), memory [top - m, top) "
-                f"after a warm-up co-run (power-capped steady state); solo timed the same way, same stream."
+                f"after a warm-up co-run (power-capped steady state); solo timed the same way, same stream. "
+                f"sm_clock_mhz: the SM clock right after each point's timed replays, from a one-warp "
+                f"%clock64 spin timed with CUDA events (nfsearch.profiler.clock)."
                 + (" GEMMs on a partition of s SMs run through cuBLASLt with SM count target s "
                    "(nfrt.gemm_target), as in the engine." if gemm_target_enabled() else "")
                 + (f" Tensor parallel over {self.tp} GPUs: each op on the rank's shard (per-GPU shapes); "
@@ -257,7 +261,8 @@ class GpuTimer:
     def _launches(self, est_us: float) -> int:
         return max(1, min(MAX_LAUNCHES, math.ceil(self.target_us / max(est_us, 1.0))))
 
-    def _time_point(self, stream, op: str, t: int, c: int, num_sms: int) -> float:
+    def _time_point(self, stream, op: str, t: int, c: int, num_sms: int) -> tuple[float, float]:
+        """(latency us, SM clock MHz right after the timed replays)."""
         est = self._est.get((op, t, c))
         est = est * self.grid.num_sms / num_sms if est is not None else self._est.get((op, -1, c), 50.0)
         est = self.agree([est])[0]  # under TP: the same launch and replay counts on every rank
@@ -265,12 +270,13 @@ class GpuTimer:
         reps = self.grid.repeats if est * n < 20e3 else max(3, self.grid.repeats // 2)
         g = self._capture(stream, self._launcher(op, t, c), n)
         us = statistics.median(self._replays_us(g, stream, reps)) / n
+        mhz = self.clock.mhz(stream)
         del g
         self._est[(op, t, c)] = us if num_sms == self.grid.num_sms else self._est.get((op, t, c), us)
         self._est[(op, -1, c)] = us  # the next token count of this op starts from here
-        return us
+        return us, mhz
 
-    def solo(self, num_sms: int, points: list[Point], tick: Tick) -> list[float]:
+    def solo(self, num_sms: int, points: list[Point], tick: Tick) -> list[tuple[float, float]]:
         parts = make_partitions([num_sms], device=self.dev.index) if num_sms < self.grid.num_sms else None
         stream = parts[0].stream if parts is not None else torch.cuda.Stream(self.dev)
         self.use_comm(num_sms)
@@ -293,3 +299,4 @@ class GpuTimer:
         from nfsearch.profiler.corun import sustained_corun
 
         return sustained_corun(self, top_sms, bottom_sms, bottom_ops, top_ops, tick)
+

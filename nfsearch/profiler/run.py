@@ -26,7 +26,14 @@ from nfrt.config import ModelConfig
 
 import nfsearch
 from nfsearch.errors import NfsearchError
-from nfsearch.profile import INTERFERENCE_COLUMNS, LATENCY_COLUMNS, Profile, ProfileMeta, save_profile
+from nfsearch.profile import (
+    CLOCK_COLUMN,
+    INTERFERENCE_COLUMNS,
+    LATENCY_COLUMNS,
+    Profile,
+    ProfileMeta,
+    save_profile,
+)
 from nfsearch.profiler.grid import (
     CORUN_KINDS,
     Point,
@@ -55,8 +62,8 @@ class Timer(Protocol):
         """peak_tflops (bf16 GEMM 8192^3) and hbm_gbps (device copy, read + write); under TP also
         nvlink_gbps (all-reduce bus bandwidth)."""
 
-    def solo(self, num_sms: int, points: list[Point], tick: Tick) -> list[float]:
-        """Solo latency (us) of each point on a partition of `num_sms` SMs."""
+    def solo(self, num_sms: int, points: list[Point], tick: Tick) -> list[float] | list[tuple[float, float]]:
+        """Solo latency (us) of each point on a partition of `num_sms` SMs, or (us, SM clock MHz)."""
 
     def corun(self, top_sms: int, bottom_sms: int, bottom_ops: tuple[str, ...],
               top_ops: tuple[str, ...], tick: Tick) -> list[CoRun]:
@@ -136,7 +143,9 @@ def run_profile(model: ModelConfig, tp: int, grid: ProfileGrid, timer: Timer, ou
             lat = timer.solo(s, points, tick)
             if len(lat) != len(points):
                 raise NfsearchError(f"timer returned {len(lat)} latencies for {len(points)} points")
-            state["solo"][str(s)] = [[op, t, c, float(x)] for (op, t, c), x in zip(points, lat, strict=True)]
+            state["solo"][str(s)] = [[op, t, c] + ([float(v) for v in x] if isinstance(x, tuple | list)
+                                                    else [float(x)])
+                                     for (op, t, c), x in zip(points, lat, strict=True)]
             checkpoint()
         for top, bottom in split_pairs(grid):
             if str(top) in state["interference"]:
@@ -234,8 +243,10 @@ def aggregate_interference(rows: list[CoRun], sm_grid: tuple[int, ...]) -> tuple
 def build_profile(model: ModelConfig, tp: int, grid: ProfileGrid, state: dict[str, Any],
                   stamp: dict[str, Any], gpu_slug: str, sm_granularity: int, nvlink_gbps: float, method: str,
                   grid_name: str = "full") -> Profile:
-    lat_rows = [[op, int(t), int(c), int(s), float(x)]
-                for s, rows in state["solo"].items() for op, t, c, x in rows]
+    solo = [r for rows in state["solo"].values() for r in rows]
+    clocked = bool(solo) and all(len(r) > 4 for r in solo)
+    lat_rows = [[op, int(t), int(c), int(s), float(r[3])] + ([float(r[4])] if clocked else [])
+                for s, rows in state["solo"].items() for r in rows for op, t, c in [r[:3]]]
     co_rows = [tuple(r) for rows in state["interference"].values() for r in rows]
     inter, inter_note = aggregate_interference(co_rows, grid.sms)
     ceil = state["ceilings"]
@@ -254,5 +265,6 @@ def build_profile(model: ModelConfig, tp: int, grid: ProfileGrid, state: dict[st
         cuda=stamp.get("cuda", ""), torch=stamp.get("torch", ""), triton=stamp.get("triton", ""),
         date=stamp.get("date") or _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         nfsearch_version=nfsearch.__version__, notes=notes)
-    return Profile(meta, pd.DataFrame(lat_rows, columns=list(LATENCY_COLUMNS)),
+    columns = list(LATENCY_COLUMNS) + ([CLOCK_COLUMN] if clocked else [])
+    return Profile(meta, pd.DataFrame(lat_rows, columns=columns),
                    pd.DataFrame(inter, columns=list(INTERFERENCE_COLUMNS)))
