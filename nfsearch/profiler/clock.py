@@ -6,10 +6,10 @@ another once both carry the clock they ran at. `nvidia-smi` samples every ~100 m
 this probe reads the clock where the work ran: one warp spins on `%clock64` (SM cycles) for a fixed
 number of cycles between CUDA events. Two spins of different lengths are timed back to back and
 the clock is their cycle difference over their time difference, so launch and event overheads,
-equal in both, cancel. After other work on the same stream (`mhz`), the ~150 us probe reads the
+equal in both, cancel. Run after other work on the same stream, the ~150 us probe reads the
 clock that work left (the profiler reads it after every timed point). Reading the clock *beside*
-running work (`enqueue` after an event of that work, on SMs of its own) is not validated: its
-first run on an H200 (2026-11-21 14:3x UTC) returned a long spin no longer than the short one.
+running work, on SMs of its own, was tried and is not here: its first run on an H200
+(2026-11-21 14:3x UTC) timed the long spin no longer than the short one (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import statistics
 import torch
 import triton
 import triton.language as tl
+from nfrt.probe import clock64
 
 SHORT_CYCLES = 50_000
 LONG_CYCLES = 250_000
@@ -26,33 +27,12 @@ FILL_CYCLES = 2_000_000  # ~1 ms: longer than the host takes to enqueue the time
 
 
 @triton.jit
-def _clock64():
-    return tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
-
-
-@triton.jit
 def _spin_kernel(out_ptr, cycles):
-    t0 = _clock64()
+    t0 = clock64()
     t = t0
     while t - t0 < cycles:
-        t = _clock64()
+        t = clock64()
     tl.store(out_ptr, t - t0)  # the cycles really spun (>= cycles)
-
-
-class Reading:
-    """A probe enqueued on the GPU; `mhz()` (after the stream has run it) is the mean SM clock over
-    the long spin's window."""
-
-    def __init__(self, out: torch.Tensor, ev: list[torch.cuda.Event], stream: torch.cuda.Stream) -> None:
-        self.out, self.ev, self.stream = out, ev, stream
-
-    def mhz(self) -> float:
-        self.stream.synchronize()
-        short_c, long_c = (int(x) for x in self.out.tolist())
-        dt_us = (self.ev[1].elapsed_time(self.ev[2]) - self.ev[0].elapsed_time(self.ev[1])) * 1e3
-        if dt_us <= 0:
-            raise RuntimeError("clock probe: the long spin did not take longer than the short one")
-        return (long_c - short_c) / dt_us  # cycles per us = MHz
 
 
 class ClockProbe:
@@ -62,25 +42,23 @@ class ClockProbe:
         self.dev = torch.device("cuda", device) if isinstance(device, int) else device
         self.repeats = repeats
 
-    def enqueue(self, stream: torch.cuda.Stream, after: torch.cuda.Event | None = None,
-                short_cycles: int = SHORT_CYCLES, long_cycles: int = LONG_CYCLES) -> Reading:
-        """Enqueue one reading on `stream` (after `after`, when given) without waiting for it: run
-        on SMs no other work uses (`SmLayout.remainder_stream`), it reads the clock other streams'
-        work runs at, averaged over the long spin."""
+    def _once(self, stream: torch.cuda.Stream) -> float:
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
         with torch.cuda.stream(stream):
             out = torch.zeros(2, dtype=torch.int64, device=self.dev)  # [short, long] cycles spun
-            if after is not None:
-                stream.wait_event(after)
-            else:  # keep the GPU busy while the host enqueues the timed spins
-                _spin_kernel[(1,)](out[0:], FILL_CYCLES, num_warps=1)
+            _spin_kernel[(1,)](out[0:], FILL_CYCLES, num_warps=1)  # busy while the host enqueues the rest
             ev[0].record(stream)
-            _spin_kernel[(1,)](out[0:], short_cycles, num_warps=1)
+            _spin_kernel[(1,)](out[0:], SHORT_CYCLES, num_warps=1)
             ev[1].record(stream)
-            _spin_kernel[(1,)](out[1:], long_cycles, num_warps=1)
+            _spin_kernel[(1,)](out[1:], LONG_CYCLES, num_warps=1)
             ev[2].record(stream)
-        return Reading(out, ev, stream)
+        stream.synchronize()
+        short_c, long_c = (int(x) for x in out.tolist())
+        dt_us = (ev[1].elapsed_time(ev[2]) - ev[0].elapsed_time(ev[1])) * 1e3
+        if dt_us <= 0:
+            raise RuntimeError("clock probe: the long spin did not take longer than the short one")
+        return (long_c - short_c) / dt_us  # cycles per us = MHz
 
     def mhz(self, stream: torch.cuda.Stream) -> float:
         """The clock right after what `stream` ran before (median of `repeats` readings; syncs)."""
-        return statistics.median(self.enqueue(stream).mhz() for _ in range(self.repeats))
+        return statistics.median(self._once(stream) for _ in range(self.repeats))

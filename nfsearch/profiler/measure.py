@@ -299,4 +299,3 @@ class GpuTimer:
         from nfsearch.profiler.corun import sustained_corun
 
         return sustained_corun(self, top_sms, bottom_sms, bottom_ops, top_ops, tick)
-

@@ -245,8 +245,8 @@ def build_profile(model: ModelConfig, tp: int, grid: ProfileGrid, state: dict[st
                   grid_name: str = "full") -> Profile:
     solo = [r for rows in state["solo"].values() for r in rows]
     clocked = bool(solo) and all(len(r) > 4 for r in solo)
-    lat_rows = [[op, int(t), int(c), int(s), float(r[3])] + ([float(r[4])] if clocked else [])
-                for s, rows in state["solo"].items() for r in rows for op, t, c in [r[:3]]]
+    lat_rows = [[r[0], int(r[1]), int(r[2]), int(s), float(r[3])] + ([float(r[4])] if clocked else [])
+                for s, rows in state["solo"].items() for r in rows]
     co_rows = [tuple(r) for rows in state["interference"].values() for r in rows]
     inter, inter_note = aggregate_interference(co_rows, grid.sms)
     ceil = state["ceilings"]

@@ -15,17 +15,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _clock():
+def clock64():  # the SM cycle counter (%clock64), inside a Triton kernel
     return tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
 
 
 @triton.jit
 def _smid_kernel(out_ptr, spin_cycles):
     smid = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-    t0 = _clock()
+    t0 = clock64()
     t = t0
     while t - t0 < spin_cycles:
-        t = _clock()
+        t = clock64()
     tl.store(out_ptr + tl.program_id(0), smid)
 
 
