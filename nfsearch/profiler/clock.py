@@ -1,6 +1,6 @@
 """The GPU's SM clock right now, measured on the GPU itself.
 
-A power-capped H100/H200 runs its SM clock anywhere between ~1.5 and 1.98 GHz depending on what ran
+A power-capped H100/H200 runs its SM clock anywhere between ~1.4 and 1.98 GHz depending on what ran
 in the last few milliseconds (benchmarks/RESULTS.md, 13:08 UTC), so a latency is only comparable to
 another once both carry the clock they ran at. `nvidia-smi` samples every ~100 ms and averages;
 this probe reads the clock where the work ran: one warp spins on `%clock64` (SM cycles) for a fixed
@@ -19,7 +19,7 @@ import statistics
 import torch
 import triton
 import triton.language as tl
-from nfrt.probe import clock64
+from nfrt.probe import spin
 
 SHORT_CYCLES = 50_000
 LONG_CYCLES = 250_000
@@ -28,11 +28,7 @@ FILL_CYCLES = 2_000_000  # ~1 ms: longer than the host takes to enqueue the time
 
 @triton.jit
 def _spin_kernel(out_ptr, cycles):
-    t0 = clock64()
-    t = t0
-    while t - t0 < cycles:
-        t = clock64()
-    tl.store(out_ptr, t - t0)  # the cycles really spun (>= cycles)
+    tl.store(out_ptr, spin(cycles))  # the cycles really spun (>= cycles)
 
 
 class ClockProbe:

@@ -20,12 +20,18 @@ def clock64():  # the SM cycle counter (%clock64), inside a Triton kernel
 
 
 @triton.jit
-def _smid_kernel(out_ptr, spin_cycles):
-    smid = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+def spin(cycles):  # busy-wait at least `cycles` SM cycles; returns the cycles really spun
     t0 = clock64()
     t = t0
-    while t - t0 < spin_cycles:
+    while t - t0 < cycles:
         t = clock64()
+    return t - t0
+
+
+@triton.jit
+def _smid_kernel(out_ptr, spin_cycles):
+    smid = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+    spin(spin_cycles)
     tl.store(out_ptr + tl.program_id(0), smid)
 
 
