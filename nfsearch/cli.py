@@ -236,11 +236,17 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)
 
 
+def add_ceiling_parser(sub: argparse._SubParsersAction) -> None:
+    from nfsearch.ceiling_measure import add_parser
+
+    add_parser(sub)
+
+
 # ---- entry point -------------------------------------------------------------------------------
 
 _PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_models_parser, add_bound_parser, add_solve_parser, add_show_parser, add_profile_parser,
-    add_bench_parser)
+    add_bench_parser, add_ceiling_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ from nfsearch.cli import main
 from nfsearch.config import SolveConfig
 from nfsearch.errors import NfsearchError
 from nfsearch.opgraph import groups, op_tokens, tail_ops
-from nfsearch.plan import build_problem, plan
+from nfsearch.plan import REPO_ROOT, build_problem, plan
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,14 @@ def test_cli_solve_json_and_show(tmp_path, capsys):
     assert main(["show", str(out), "--gantt", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "predicted" in capsys.readouterr().out
+
+
+def test_show_hand_built_schedule(capsys):
+    """A hand-built schedule has no solver gap or solve time: `show` prints it without them."""
+    for path in sorted((REPO_ROOT / "schedules").glob("*-hand.yaml")):
+        assert main(["show", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert "solver hand hand n/a\n" in out and "gap" not in out
 
 
 def test_cli_solve_bad_input_is_one_line_exit_2(tmp_path):

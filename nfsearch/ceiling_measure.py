@@ -1,0 +1,207 @@
+"""`nfsearch ceiling`: how much overlapping a layer's compute and memory work can gain on this GPU.
+
+Before trusting (or blaming) a searched schedule, measure what overlap can buy at all. For one
+schedule's batch this times, sustained at the GPU's power limit, with the runtime's own ops
+(`nfrt.model.Model.run_op` through the profiler's `GpuTimer`: random weights, KV pages scattered
+over a 2 GiB pool per layer):
+
+- C: one layer's compute ops (its GEMMs and prefill attention over the whole batch), looped in a
+  CUDA graph and replayed alone on all SMs; M: one layer's decode attention, the same way; the
+  other ops (norms, RoPE, KV append) alone;
+- the sequential pair: the C and M graphs replayed alternately on one stream;
+- every placed split (c SMs for compute at the bottom, the rest of the placed SMs for memory at the
+  top, as `nfrt.partition.make_layout` places an engine's streams): both graphs replayed
+  concurrently, after a warm-up co-run to the power-capped steady state, as the profiler's
+  interference co-runs do (`nfsearch.profiler.corun`).
+
+`nfsearch.ceiling.overlap_ceiling` turns these into the ceiling on the overlap's speedup (its
+docstring has the linear program). One GPU (tp 1). The JSON record goes to `--out` (atomic write).
+This module imports no torch at import time: the CLI registers it on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from nfrt.atomic import atomic_write_text
+from nfrt.schedule import Schedule, load_schedule
+
+from nfsearch.ceiling import SplitRate, overlap_ceiling
+from nfsearch.errors import NfsearchError
+
+DEFAULT_OUT = "benchmarks/runs"
+LOOP_US = 3000.0  # target replay length of each looped graph
+Unit = list[tuple[str, int, int]]  # (op, tokens, context)
+
+
+@dataclass(frozen=True)
+class CeilingConfig:
+    schedule: str
+    seconds: float = 0.6  # each sustained replay (the co-runs; solo runs take half)
+    out: str = DEFAULT_OUT
+
+    def __post_init__(self) -> None:
+        if not self.seconds > 0:
+            raise NfsearchError(f"--seconds must be positive, got {self.seconds!r}")
+
+
+def units(schedule: Schedule) -> tuple[Unit, Unit, Unit]:
+    """(compute, memory, other) ops of one layer of the schedule's batch: compute = the compute ops,
+    memory = the decode-class memory ops (decode attention), other = the rest (norms, RoPE, KV
+    append). Ops with no tokens in this batch are left out."""
+    meta, b = schedule.metadata, schedule.metadata.batch
+    if meta.tp != 1:
+        raise NfsearchError(f"ceiling: one GPU only, the schedule has tp {meta.tp}")
+    point = {"all": (b.dense_batch, 0), "prefill": (b.prefill_tokens, b.prefill_context),
+             "decode": (b.decode_tokens, b.decode_context)}
+    compute = [(o.name, *point[o.token_class]) for o in schedule.layer if o.kind == "compute"]
+    memory = [(o.name, *point[o.token_class]) for o in schedule.layer
+              if o.kind == "memory" and o.token_class == "decode"]
+    taken = {n for n, *_ in compute + memory}
+    other = [(o.name, *point[o.token_class]) for o in schedule.layer if o.name not in taken]
+    compute, memory, other = ([x for x in u if x[1] > 0] for u in (compute, memory, other))
+    if not compute or not memory:
+        raise NfsearchError("ceiling: the batch needs compute work and decode attention to overlap, "
+                            f"got compute {[n for n, *_ in compute]} and memory {[n for n, *_ in memory]}")
+    return compute, memory, other
+
+
+def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The record: units, every split's co-run and the ceilings (see the module docstring)."""
+    import torch
+
+    schedule = load_schedule(cfg.schedule)
+    compute, memory, other = units(schedule)
+    if not torch.cuda.is_available():  # before the GPU-only imports (Triton)
+        raise NfsearchError("ceiling needs a CUDA GPU: torch.cuda.is_available() is False")
+    from nfrt.partition import make_layout
+
+    from nfsearch.profiler.corun import corun_us, solo_us
+    from nfsearch.profiler.grid import full_grid
+    from nfsearch.profiler.measure import GpuTimer
+
+    token_class = {o.name: o.token_class for o in schedule.layer}
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    timer = GpuTimer(schedule.metadata.model_config, 1, full_grid(num_sms))
+    sec = cfg.seconds
+    log(f"{torch.cuda.get_device_name(0)}; {schedule.metadata.model} {schedule.metadata.workload}: "
+        f"{schedule.metadata.batch}")
+    log(f"compute unit {compute}\nmemory unit {memory}\nother {other}")
+
+    def looped(stream: Any, ops: Unit, est_us: float | None = None) -> tuple[Any, int]:
+        # A launcher binds its op's batch and ops run on the batch bound when captured: the
+        # prefill-class ops are bound last (the GEMMs read only hidden rows, valid in any batch).
+        fns = {op: timer._launcher(op, t, ctx)
+               for op, t, ctx in sorted(ops, key=lambda x: token_class[x[0]] == "prefill")}
+        n = 1 if est_us is None else max(1, round(LOOP_US / est_us))
+        return timer._capture(stream, lambda i: [fns[op](i) for op, *_ in ops], n, shared_pool=False), n
+
+    full = torch.cuda.Stream()
+
+    def alone_us(ops: Unit) -> float:
+        g1, _ = looped(full, ops)
+        one = statistics.median(timer._replays_us(g1, full, 5))
+        del g1
+        g, n = looped(full, ops, one)
+        return solo_us(g, full, sec) / n
+
+    c_us, m_us = alone_us(compute), alone_us(memory)
+    o_us = alone_us(other) if other else 0.0
+    gc, nc = looped(full, compute, c_us)  # the sequential pair: C then M, alternating
+    gm, nm = looped(full, memory, m_us)
+    k = max(8, int(sec * 1e6 / (nc * c_us + nm * m_us)))
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(k + 1)]
+    ev[0].record(full)
+    with torch.cuda.stream(full):
+        for i in range(k):
+            gc.replay()
+            gm.replay()
+            ev[i + 1].record(full)
+    full.synchronize()
+    pair_us = statistics.median(ev[i].elapsed_time(ev[i + 1]) * 1e3 for i in range(k // 4, k))
+    seq_us = pair_us * (c_us + m_us) / (nc * c_us + nm * m_us)  # per C + M, in the pair's proportions
+    del gc, gm
+    log(f"alone on all SMs (sustained): C {c_us:.1f} us, M {m_us:.1f} us, other {o_us:.1f} us; "
+        f"C then M alternating: {seq_us:.1f} us per pair (C + M = {c_us + m_us:.1f})")
+
+    layout = make_layout(0)
+    top = layout.aligned
+    splits: list[SplitRate] = []
+    alone: list[dict[str, float]] = []
+    try:
+        for cs in [s for s in timer.grid.sms if top // 3 <= s <= top - 8]:
+            ms = top - cs
+            bs, ts = layout.stream(0, cs), layout.stream(top - ms, ms)
+            gb, nb = looped(bs, compute, c_us * num_sms / cs)
+            gt, nt = looped(ts, memory, m_us * num_sms / ms / 2)
+            b_solo, t_solo = solo_us(gb, bs, sec / 2), solo_us(gt, ts, sec / 2)
+            corun_us(gb, bs, b_solo, gt, ts, t_solo, sec)  # to the power-capped steady state
+            b_co, t_co = corun_us(gb, bs, b_solo, gt, ts, t_solo, sec)
+            s = SplitRate(cs, ms, b_co / nb, t_co / nt)
+            splits.append(s)
+            alone.append({"tc_alone_us": b_solo / nb, "tm_alone_us": t_solo / nt})
+            a, b = c_us / s.tc_us, m_us / s.tm_us
+            log(f"  split {cs:3d}/{ms:3d}: C {s.tc_us:8.1f} us (alone there {b_solo / nb:8.1f}), "
+                f"M {s.tm_us:8.1f} us (alone there {t_solo / nt:8.1f});  a {a:.3f} + b {b:.3f} = {a + b:.3f}")
+            del gb, gt
+            torch.cuda.synchronize()
+    finally:
+        layout.close()
+    ceil = overlap_ceiling(c_us, m_us, o_us, seq_us, splits)
+    log(f"best mix for one C + one M: {ceil.mix.time_us:.1f} us = "
+        + " + ".join(f"{n} {u:.1f}" for n, u in ceil.mix.modes)
+        + f"\nceiling over the sequential pair: {ceil.cm:.3f}x; with the other ops "
+          f"serial {ceil.other_serial:.3f}x, free {ceil.other_free:.3f}x")
+    meta = schedule.metadata
+    return {"date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "schedule": cfg.schedule,
+            "model": meta.model, "workload": meta.workload, "batch": asdict(meta.batch), "seconds": sec,
+            "compute_unit": compute, "memory_unit": memory, "other_unit": other,
+            **ceil.to_dict(), "alone": alone}
+
+
+def record_path(out_dir: str, rec: dict[str, Any]) -> Path:
+    """<out>/ceiling-<model>-<gpu slug, else name>-<workload>-<UTC date and time>.json"""
+    from nfsearch.gpus import gpu_slug_for_device_name
+
+    stamp = rec["date"].replace("-", "").replace(":", "")[:15] + "Z"
+    parts = ("ceiling", rec["model"], gpu_slug_for_device_name(rec["gpu"]) or rec["gpu"], rec["workload"])
+    name = "-".join(re.sub(r"[^A-Za-z0-9._]+", "-", str(x)).strip("-") for x in parts)
+    return Path(out_dir) / f"{name}-{stamp}.json"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    d = CeilingConfig(schedule="")
+    p = sub.add_parser("ceiling", help="measure how much overlapping a schedule's compute and memory "
+                                       "work can gain on this GPU, at most")
+    p.add_argument("--schedule", required=True, help="a schedule YAML file (its batch is measured)")
+    p.add_argument("--seconds", type=float, default=d.seconds,
+                   help="length of each sustained co-run (default: %(default)s)")
+    p.add_argument("--out", default=d.out, help="folder of the JSON record (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the record)")
+    p.set_defaults(func=run_ceiling)
+
+
+def run_ceiling(args: argparse.Namespace) -> int:
+    cfg = CeilingConfig(schedule=args.schedule, seconds=args.seconds, out=args.out)
+    rec = measure(cfg, log=(lambda s: print(s, file=sys.stderr, flush=True)) if args.json
+                  else (lambda s: print(s, flush=True)))
+    path = record_path(cfg.out, rec)
+    try:
+        atomic_write_text(path, json.dumps(rec, indent=1) + "\n")
+    except OSError as e:
+        raise NfsearchError(f"cannot write the ceiling record {path}: {e.strerror or e}") from None
+    if args.json:
+        print(json.dumps(rec, indent=2))
+    else:
+        print(f"record: {path}")
+    return 0
