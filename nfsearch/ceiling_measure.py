@@ -142,6 +142,7 @@ def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str,
             ms = top - cs
             bs, ts = layout.stream(0, cs), layout.stream(top - ms, ms)
             gb, nb = looped(bs, compute, c_us * num_sms / cs)
+            # loop lengths only: decode attention loses far less than in proportion to its SMs
             gt, nt = looped(ts, memory, m_us * num_sms / ms / 2)
             b_solo, t_solo = solo_us(gb, bs, sec / 2), solo_us(gt, ts, sec / 2)
             corun_us(gb, bs, b_solo, gt, ts, t_solo, sec)  # to the power-capped steady state

@@ -112,6 +112,19 @@ def test_units_of_a_dense_and_a_moe_schedule() -> None:
     assert all(t == 1216 for n, t, _ in c + o if n != "attn_prefill")
 
 
+def test_units_need_decode_attention() -> None:
+    from nfrt.config import BatchComposition
+    from schedules_util import nano_schedule
+
+    from nfsearch.ceiling_measure import units
+    from nfsearch.models import resolve_model
+
+    prefill_only = nano_schedule(resolve_model("tiny-llama"), BatchComposition(256, 0, 256, 0, 32),
+                                 (0, 128, 256), num_sms=132, sizes=(100, 32))
+    with pytest.raises(NfsearchError, match="decode attention to overlap"):
+        units(prefill_only)
+
+
 def test_ceiling_cli_errors_are_one_line(capsys) -> None:
     torch = pytest.importorskip("torch")
     from nfsearch.cli import main
