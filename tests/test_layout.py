@@ -14,9 +14,11 @@ def _positions(chunks) -> list[int]:
 
 
 def _brute_phase(tokens: int, L: int) -> int:
-    """The phase of the stream of length-L prompts whose mean position is closest to (L - 1) / 2."""
-    def miss(phase: int) -> float:
-        return abs(sum((phase + i) % L for i in range(tokens)) / tokens - (L - 1) / 2)
+    """The phase of the stream of length-L prompts whose mean position is closest to (L - 1) / 2.
+    In integers (twice the position sum against tokens x (L - 1)): with floats, two phases exactly
+    as close could compare unequal (683 tokens of 2-token prompts: phases 0 and 1, CI 2026-11-21)."""
+    def miss(phase: int) -> int:
+        return abs(2 * sum((phase + i) % L for i in range(tokens)) - tokens * (L - 1))
     return min(range(L), key=lambda p: (miss(p), p))
 
 
@@ -42,6 +44,14 @@ def test_prefill_chunks_properties_random():
         s = rng.randint(0, tokens)
         e = rng.randint(s, tokens)
         assert position_sum(chunks, s, e) == sum(p + 1 for p in pos[s:e])
+
+
+def test_prefill_chunks_exact_ties_go_to_the_smallest_phase():
+    # phases 0 and 1 of 683 tokens of 2-token prompts are equally close (sums 341 and 342 against
+    # 341.5); so are the phases of any odd stretch of 2-token prompts
+    assert _brute_phase(683, 2) == 0 and prefill_chunks(683, 2)[0][0] == 0
+    for tokens in range(3, 200, 2):
+        assert prefill_chunks(tokens, 2)[0][0] == _brute_phase(tokens, 2) == 0
 
 
 def test_from_zero_chunks_are_whole_prompts_then_a_head():
