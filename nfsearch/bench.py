@@ -156,14 +156,14 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def require_cuda() -> None:
+def require_cuda(command: str = "bench") -> None:
     """Raise NfsearchError (one line, exit 2) unless PyTorch sees a CUDA GPU."""
     try:
         import torch
     except ImportError:
-        raise NfsearchError("bench needs PyTorch with CUDA (pip install 'nfsearch[gpu]')") from None
+        raise NfsearchError(f"{command} needs PyTorch with CUDA (pip install 'nfsearch[gpu]')") from None
     if not torch.cuda.is_available():
-        raise NfsearchError("bench needs a CUDA GPU: torch.cuda.is_available() is False")
+        raise NfsearchError(f"{command} needs a CUDA GPU: torch.cuda.is_available() is False")
 
 
 def resolve_tp(requested: int | None, schedule: Schedule, path: str = "") -> int:
@@ -274,23 +274,27 @@ def build_record(cfg: BenchConfig, schedule: Schedule, ran: Schedule, m: dict[st
     return rec
 
 
+def stamped_path(out_dir: str | os.PathLike[str], parts: tuple[Any, ...], date: str) -> Path:
+    """<out>/<parts joined by '-', each cleaned to [A-Za-z0-9._-]>-<UTC date and time>.json"""
+    stamp = date.replace("-", "").replace(":", "")[:15] + "Z"  # 20261121T082233Z
+    name = "-".join(re.sub(r"[^A-Za-z0-9._]+", "-", str(x)).strip("-") for x in parts)
+    return Path(out_dir) / f"{name}-{stamp}.json"
+
+
 def record_path(out_dir: str | os.PathLike[str], record: dict[str, Any]) -> Path:
     """<out>/<model>[-l<L>]-<gpu>[-tp<N>]-<workload>-<UTC date and time>.json (tp only when > 1)"""
     model = record["model"] + (f"-l{record['layers']}" if record["layers"] != record["model_layers"] else "")
     gpu = record["env"].get("gpu_slug") or record["env"].get("gpu_name", "gpu")
     gpu += f"-tp{record['tp']}" if record.get("tp", 1) > 1 else ""
-    stamp = record["date"].replace("-", "").replace(":", "")[:15] + "Z"  # 20261121T082233Z
-    parts = (model, gpu, record["workload"])
-    name = "-".join(re.sub(r"[^A-Za-z0-9._]+", "-", str(x)).strip("-") for x in parts)
-    return Path(out_dir) / f"{name}-{stamp}.json"
+    return stamped_path(out_dir, (model, gpu, record["workload"]), record["date"])
 
 
-def write_record(record: dict[str, Any], path: Path) -> Path:
+def write_record(record: dict[str, Any], path: Path, what: str = "bench") -> Path:
     """Atomic (nfrt.atomic): a crash leaves the old record or the new one."""
     try:
         return atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     except OSError as e:
-        raise NfsearchError(f"cannot write the bench record {path}: {e.strerror or e}") from None
+        raise NfsearchError(f"cannot write the {what} record {path}: {e.strerror or e}") from None
 
 
 def format_table(rec: dict[str, Any], path: Path | None = None) -> str:

@@ -28,7 +28,7 @@ from nfsearch.errors import NfsearchError
 
 
 def _positive(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not value > 0 or value != value:
+    if not isinstance(value, (int, float)) or not value > 0:  # NaN fails `> 0` too
         raise NfsearchError(f"ceiling: {name} must be a positive number of us, got {value!r}")
 
 

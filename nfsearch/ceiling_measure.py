@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import re
 import statistics
 import sys
 from collections.abc import Callable
@@ -32,14 +31,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from nfrt.atomic import atomic_write_text
 from nfrt.schedule import Schedule, load_schedule
 
+from nfsearch.bench import DEFAULT_OUT, require_cuda, stamped_path, write_record
 from nfsearch.ceiling import SplitRate, overlap_ceiling
 from nfsearch.errors import NfsearchError
 
-DEFAULT_OUT = "benchmarks/runs"
-LOOP_US = 3000.0  # target replay length of each looped graph
 Unit = list[tuple[str, int, int]]  # (op, tokens, context)
 
 
@@ -77,48 +74,41 @@ def units(schedule: Schedule) -> tuple[Unit, Unit, Unit]:
 
 def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The record: units, every split's co-run and the ceilings (see the module docstring)."""
-    import torch
-
     schedule = load_schedule(cfg.schedule)
     compute, memory, other = units(schedule)
-    if not torch.cuda.is_available():  # before the GPU-only imports (Triton)
-        raise NfsearchError("ceiling needs a CUDA GPU: torch.cuda.is_available() is False")
+    require_cuda("ceiling")  # before the GPU-only imports (Triton)
+    import torch
     from nfrt.partition import make_layout
 
-    from nfsearch.profiler.corun import corun_us, solo_us
+    from nfsearch.profiler.corun import corun_us, looped, solo_us
     from nfsearch.profiler.grid import full_grid
     from nfsearch.profiler.measure import GpuTimer
 
     token_class = {o.name: o.token_class for o in schedule.layer}
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    timer = GpuTimer(schedule.metadata.model_config, 1, full_grid(num_sms))
+    timer = GpuTimer(schedule.metadata.model_config, 1,
+                     full_grid(torch.cuda.get_device_properties(0).multi_processor_count))
     sec = cfg.seconds
     log(f"{torch.cuda.get_device_name(0)}; {schedule.metadata.model} {schedule.metadata.workload}: "
         f"{schedule.metadata.batch}")
     log(f"compute unit {compute}\nmemory unit {memory}\nother {other}")
 
-    def looped(stream: Any, ops: Unit, est_us: float | None = None) -> tuple[Any, int]:
+    def unit(ops: Unit) -> Callable[[int], None]:
         # A launcher binds its op's batch and ops run on the batch bound when captured: the
         # prefill-class ops are bound last (the GEMMs read only hidden rows, valid in any batch).
         fns = {op: timer._launcher(op, t, ctx)
                for op, t, ctx in sorted(ops, key=lambda x: token_class[x[0]] == "prefill")}
-        n = 1 if est_us is None else max(1, round(LOOP_US / est_us))
-        return timer._capture(stream, lambda i: [fns[op](i) for op, *_ in ops], n, shared_pool=False), n
+        return lambda i: [fns[op](i) for op, *_ in ops]
 
     full = torch.cuda.Stream()
-
-    def alone_us(ops: Unit) -> float:
-        g1, _ = looped(full, ops)
-        one = statistics.median(timer._replays_us(g1, full, 5))
-        del g1
-        g, n = looped(full, ops, one)
-        return solo_us(g, full, sec) / n
-
-    c_us, m_us = alone_us(compute), alone_us(memory)
-    o_us = alone_us(other) if other else 0.0
-    gc, nc = looped(full, compute, c_us)  # the sequential pair: C then M, alternating
-    gm, nm = looped(full, memory, m_us)
-    k = max(8, int(sec * 1e6 / (nc * c_us + nm * m_us)))
+    gc, nc = looped(timer, full, unit(compute))
+    gm, nm = looped(timer, full, unit(memory))
+    c_us, m_us = solo_us(gc, full, sec) / nc, solo_us(gm, full, sec) / nm
+    o_us = 0.0
+    if other:
+        go, no = looped(timer, full, unit(other))
+        o_us = solo_us(go, full, sec) / no
+        del go
+    k = max(8, int(sec * 1e6 / (nc * c_us + nm * m_us)))  # the sequential pair: C then M, alternating
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(k + 1)]
     ev[0].record(full)
     with torch.cuda.stream(full):
@@ -141,9 +131,8 @@ def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str,
         for cs in [s for s in timer.grid.sms if top // 3 <= s <= top - 8]:
             ms = top - cs
             bs, ts = layout.stream(0, cs), layout.stream(top - ms, ms)
-            gb, nb = looped(bs, compute, c_us * num_sms / cs)
-            # loop lengths only: decode attention loses far less than in proportion to its SMs
-            gt, nt = looped(ts, memory, m_us * num_sms / ms / 2)
+            gb, nb = looped(timer, bs, unit(compute))
+            gt, nt = looped(timer, ts, unit(memory))
             b_solo, t_solo = solo_us(gb, bs, sec / 2), solo_us(gt, ts, sec / 2)
             corun_us(gb, bs, b_solo, gt, ts, t_solo, sec)  # to the power-capped steady state
             b_co, t_co = corun_us(gb, bs, b_solo, gt, ts, t_solo, sec)
@@ -174,10 +163,8 @@ def record_path(out_dir: str, rec: dict[str, Any]) -> Path:
     """<out>/ceiling-<model>-<gpu slug, else name>-<workload>-<UTC date and time>.json"""
     from nfsearch.gpus import gpu_slug_for_device_name
 
-    stamp = rec["date"].replace("-", "").replace(":", "")[:15] + "Z"
-    parts = ("ceiling", rec["model"], gpu_slug_for_device_name(rec["gpu"]) or rec["gpu"], rec["workload"])
-    name = "-".join(re.sub(r"[^A-Za-z0-9._]+", "-", str(x)).strip("-") for x in parts)
-    return Path(out_dir) / f"{name}-{stamp}.json"
+    gpu = gpu_slug_for_device_name(rec["gpu"]) or rec["gpu"]
+    return stamped_path(out_dir, ("ceiling", rec["model"], gpu, rec["workload"]), rec["date"])
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -196,11 +183,7 @@ def run_ceiling(args: argparse.Namespace) -> int:
     cfg = CeilingConfig(schedule=args.schedule, seconds=args.seconds, out=args.out)
     rec = measure(cfg, log=(lambda s: print(s, file=sys.stderr, flush=True)) if args.json
                   else (lambda s: print(s, flush=True)))
-    path = record_path(cfg.out, rec)
-    try:
-        atomic_write_text(path, json.dumps(rec, indent=1) + "\n")
-    except OSError as e:
-        raise NfsearchError(f"cannot write the ceiling record {path}: {e.strerror or e}") from None
+    path = write_record(rec, record_path(cfg.out, rec), "ceiling")
     if args.json:
         print(json.dumps(rec, indent=2))
     else:

@@ -40,7 +40,12 @@ def _same(values: list[float]) -> list[float]:
 
 def _looped(timer: Any, stream: torch.cuda.Stream, op: str, tokens: int, context: int):
     """(graph, launches per replay) of `op` looped for about LOOP_US on `stream` (private pool)."""
-    fn = timer._launcher(op, tokens, context)
+    return looped(timer, stream, timer._launcher(op, tokens, context))
+
+
+def looped(timer: Any, stream: torch.cuda.Stream, fn: Callable[[int], Any]):
+    """(graph, launches per replay) of launcher `fn` (fn(i) issues launch i) looped for about
+    LOOP_US on `stream` (private pool): one launch is timed first to choose the count."""
     g1 = timer._capture(stream, fn, 1, shared_pool=False)
     one = statistics.median(timer._replays_us(g1, stream, 5))
     del g1
