@@ -69,8 +69,9 @@ def size_candidates(c: _Costs) -> dict[str, list[int]]:
     the network stream under the key NETWORK. Sound restriction, by exchange arguments:
     - network: drop an option when a smaller one is no slower for every network nano-op and every
       set of streams met (a smaller static partition only relaxes [S2.sms-net]);
-    - compute/memory: a nano-op may use at most cap = N - s_net - (largest size among the nano-ops
-      of the other compute/memory stream that it overlaps, or 0); replacing its size by the fastest
+    - compute/memory: a nano-op may use at most cap = N - (s_net if it meets a network nano-op or
+      a nano-op of the other compute/memory stream, else 0) - (largest size among the nano-ops of
+      the other compute/memory stream that it overlaps, or 0); replacing its size by the fastest
       option <= cap (ties: fewest SMs) for its set of streams met keeps every constraint and
       shortens it. So its candidates are those best responses over the caps that the other
       stream's candidates allow; iterated to a fixed point (the sets only shrink)."""
@@ -84,7 +85,7 @@ def size_candidates(c: _Costs) -> dict[str, list[int]]:
         if not any(all(c.units(n, jj, met) <= c.units(n, j, met)
                        for n in net_ops for met in c.met_sets[NETWORK]) for jj in net):
             net.append(j)
-    net_sizes = [sm[j] for j in net] if net_ops else [0]
+    net_sizes = [sm[j] for j in net]
     cm = [a for a in c.streams if a != NETWORK]
     cand = {n: set(range(nj)) for n, a in c.stream_of.items() if a != NETWORK}
     changed = True
@@ -92,7 +93,10 @@ def size_candidates(c: _Costs) -> dict[str, list[int]]:
         changed = False
         for a in cm:
             other = {0} | {sm[j] for n, b in c.stream_of.items() if b in cm and b != a for j in cand[n]}
-            caps = sorted({big if sn == 0 and o == 0 else conc - sn - o for sn in net_sizes for o in other})
+            if net_sizes:  # beside nothing: all SMs [S2.sms-net]; else the network partition is kept
+                caps = sorted({big} | {conc - sn - o for sn in net_sizes for o in other})
+            else:
+                caps = sorted({big if o == 0 else conc - o for o in other})
             for n in (n for n, b in c.stream_of.items() if b == a):
                 best = set()
                 for cap in caps:
@@ -133,12 +137,17 @@ def solve_stage2(problem: SearchProblem, s: Structure, time_limit_s: float,
 
     net_y = one_hot(NETWORK, cand[NETWORK]) if NETWORK in cand else None
     s_net = sum(sm[j] * v for j, v in net_y.items()) if net_y else 0
-    y, size = {}, {}
+    max_net = max(sm[j] for j in net_y) if net_y else 0
+    y, size, top, net_meet = {}, {}, {}, {}
     for n, a in stream_of.items():
         y[n] = net_y if a == NETWORK else one_hot(n, opts[n])
         size[n] = sum(sm[j] * v for j, v in y[n].items())
-        if a != NETWORK and net_y and max(sm[j] for j in opts[n]) + max(sm[j] for j in net_y) > conc:
-            m.add(size[n] + s_net <= conc)  # [S2.sms-net] beside the static network partition
+        top[n] = max(sm[j] for j in y[n])
+        if a != NETWORK and net_y:
+            # g_i: i meets a nano-op of the network stream (forced by every such ov_ik below)
+            net_meet[n] = m.new_bool_var(f"g_{n}")
+            if top[n] + max_net > conc:  # [S2.sms-net] only while beside the network partition
+                m.add(size[n] + s_net <= conc).only_enforce_if(net_meet[n])
 
     start, end, dur, hit = {}, {}, {}, {}
     for p in all_pieces(problem, s.num_nano_batches, s.splits):
@@ -174,16 +183,21 @@ def solve_stage2(problem: SearchProblem, s: Structure, time_limit_s: float,
             m.add(start[v] >= end[u])  # [S2.prec]
 
     # [S2.overlap] i (stream a, layer l) and j (stream b, layer l+d) are disjoint, or ov_ij = 1;
-    # ov_ij charges both sides' slowdown and, for compute vs memory, bounds their SM sum [S2.sms]
+    # ov_ij charges both sides' slowdown and makes the two fit side by side: g_i when j is a network
+    # nano-op [S2.sms-net], the SM sum for compute vs memory [S2.sms]. [S2.back] A later layer's
+    # nano-op ordered before an earlier layer's is held to the same fit: the runtime orders nano-ops
+    # on shared SMs only from a layer to the next (emit), so such a pair must not share SMs.
     for ia, a in enumerate(streams):
         for b in streams[ia + 1:]:
             for i in s.stream_order[a]:
                 for jn in s.stream_order[b]:
                     pay = [hit[k] for k in ((i, b), (jn, a)) if k in hit]
-                    share = NETWORK not in (a, b) and (
-                        max(sm[x] for x in opts[i]) + max(sm[x] for x in opts[jn])
-                        + (max(sm[x] for x in net_y) if net_y else 0) > conc)
-                    if not pay and not share:
+                    fit = [net_meet[x] for x, o in ((i, b), (jn, a)) if o == NETWORK and x in net_meet]
+                    share = NETWORK not in (a, b) and top[i] + top[jn] + max_net > conc
+                    if share:
+                        fit.append(m.new_bool_var(f"fit_{i}_{jn}"))  # [S2.sms]
+                        m.add(size[i] + size[jn] + s_net <= conc).only_enforce_if(fit[-1])
+                    if not pay and not fit:
                         continue
                     ov = m.new_bool_var(f"ov_{i}_{jn}")
                     for d in range(-(window_layers - 1), window_layers):
@@ -192,10 +206,11 @@ def solve_stage2(problem: SearchProblem, s: Structure, time_limit_s: float,
                         m.add(end[i] <= start[jn] + d * period).only_enforce_if(before)
                         m.add(end[jn] + d * period <= start[i]).only_enforce_if(after)
                         m.add_bool_or([before, after, ov])
-                    for lit in pay:
+                        back = before if d < 0 else after if d > 0 else None
+                        for lit in fit if back is not None else ():
+                            m.add_implication(back, lit)  # [S2.back]
+                    for lit in pay + fit:
                         m.add_implication(ov, lit)
-                    if share:
-                        m.add(size[i] + size[jn] + s_net <= conc).only_enforce_if(ov)  # [S2.sms]
 
     weight = horizon + 1  # lexicographic: T, then span
     m.minimize(weight * period + span)
@@ -232,11 +247,29 @@ def charged(problem: SearchProblem, r: StageResult, window_layers: int = 2
     start = {n: r.start_units[n] / SCALE for n in c.stream_of}
     s_net = max((sizes[n] for n, a in c.stream_of.items() if a == NETWORK), default=0)
 
+    eps = 1e-6  # touching intervals do not meet (float sums of the solver's integer times)
+
     def meets(n: str, dur: dict[str, float]) -> list[str]:
         s0, e0 = start[n], start[n] + dur[n]
         return [jn for jn, b in c.stream_of.items() if b != c.stream_of[n] and dur[jn] > 0 and dur[n] > 0
-                and any(s0 < start[jn] + dur[jn] + d * t and start[jn] + d * t < e0
+                and any(s0 < start[jn] + dur[jn] + d * t - eps and start[jn] + d * t < e0 - eps
                         for d in range(-(window_layers - 1), window_layers))]
+
+    def bound_to(n: str, dur: dict[str, float]) -> list[str]:
+        """Nano-ops n must fit beside: those it meets and those ordered against it backwards
+        across layers [S2.back]."""
+        s0, e0 = start[n], start[n] + dur[n]
+        out = []
+        for jn, b in c.stream_of.items():
+            if b == c.stream_of[n] or dur[jn] <= 0 or dur[n] <= 0:
+                continue
+            for d in range(-(window_layers - 1), window_layers):
+                sj, ej = start[jn] + d * t, start[jn] + dur[jn] + d * t
+                back = (d < 0 and e0 <= sj + eps) or (d > 0 and ej <= s0 + eps)
+                if (s0 < ej - eps and sj < e0 - eps) or back:
+                    out.append(jn)
+                    break
+        return out
 
     def exact(n: str, j: int, dur: dict[str, float]) -> float:
         met = {c.stream_of[jn] for jn in meets(n, dur)}
@@ -253,9 +286,13 @@ def charged(problem: SearchProblem, r: StageResult, window_layers: int = 2
                 dur[n], changed = d_now, True
             if a == NETWORK:
                 continue
-            beside = [sizes[jn] for jn in meets(n, dur) if c.stream_of[jn] != NETWORK]
-            cap = (problem.num_sms if not beside and not s_net
-                   else (problem.concurrent_sms or problem.num_sms) - s_net - max(beside, default=0))
+            met = bound_to(n, dur)
+            beside = [sizes[jn] for jn in met if c.stream_of[jn] != NETWORK]
+            # [S2.sms-net] the network partition is reserved while n meets a collective, and
+            # [S2.sms] beside a nano-op of the other compute/memory stream ([S2.back] alike)
+            sn = s_net if beside or any(c.stream_of[jn] == NETWORK for jn in met) else 0
+            cap = (problem.num_sms if not beside and not sn
+                   else (problem.concurrent_sms or problem.num_sms) - sn - max(beside, default=0))
             fit = [jj for jj in range(len(sm)) if sm[jj] <= cap] or [sm.index(sizes[n])]
             j = min(fit, key=lambda jj: (exact(n, jj, dur), jj))
             d_new = exact(n, j, dur)
@@ -266,3 +303,31 @@ def charged(problem: SearchProblem, r: StageResult, window_layers: int = 2
     flags = {n: any(c.factor(n, sm.index(sizes[n]), (c.stream_of[jn],)) > 1.0 for jn in meets(n, dur))
              for n in c.stream_of}
     return sizes, full, flags
+
+
+def shared_sm_edges(problem: SearchProblem, s: Structure, sizes: dict[str, int], start: dict[str, float],
+                    dur: dict[str, float], period: float) -> list[tuple[str, str, bool]]:
+    """(before, after, after is in the next layer) for every pair of nano-ops of different streams
+    that cannot run side by side on their SM counts (compute + memory + network partition, or one
+    of them + the network partition, over the placeable SMs; all SMs clash with everything), in the
+    order the steady state has them: the events emit adds between nano-ops on shared SMs. The
+    prediction needs them: without them the unrolled layers run such pairs side by side."""
+    conc = problem.concurrent_sms or problem.num_sms
+    stream_of = {n: k for k, order in s.stream_order.items() for n in order}
+    s_net = max((sizes[n] for n, k in stream_of.items() if k == NETWORK), default=0)
+
+    def clash(i: str, j: str) -> bool:
+        a, b = stream_of[i], stream_of[j]
+        if NETWORK in (a, b):
+            return sizes[j if a == NETWORK else i] + s_net > conc
+        return sizes[i] + sizes[j] + s_net > conc
+
+    edges = []
+    for i, a in stream_of.items():
+        for j, b in stream_of.items():
+            if a != b and clash(i, j):
+                for d in (0, 1):  # j in the same layer, or in the next
+                    if start[i] + dur[i] <= start[j] + d * period + 1e-6:
+                        edges.append((i, j, d == 1))
+    return edges
+

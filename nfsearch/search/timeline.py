@@ -164,13 +164,15 @@ def layer_span_us(s: Structure, start: dict[str, float], dur: dict[str, float]) 
     return max(start[n] + dur[n] for n in real) - min(start[n] for n in real)
 
 
-def unrolled_makespan(problem: SearchProblem, s: Structure, dur: dict[str, float]) -> float:
+def unrolled_makespan(problem: SearchProblem, s: Structure, dur: dict[str, float],
+                      extra: list[tuple[str, str, bool]] = ()) -> float:
     """ASAP execution of `num_layers` layers as one graph (what the runtime replays): longest path
-    over deps, stream order and the cross-layer edges (prev_layer deps, stream FIFO)."""
+    over deps, stream order, the cross-layer edges (prev_layer deps, stream FIFO) and `extra`
+    edges (before, after, after is in the next layer): the order between nano-ops on shared SMs."""
     nodes = [p.name for p in all_pieces(problem, s.num_nano_batches, s.splits)]
     deps = dependency_edges(problem, s.num_nano_batches, s.boundaries, s.splits)
     preds: dict[str, list[tuple[str, bool]]] = {n: [] for n in nodes}
-    for u, v, prev in deps:
+    for u, v, prev in [*deps, *extra]:
         preds[v].append((u, prev))
     for order in s.stream_order.values():
         for a, b in zip(order, order[1:], strict=False):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from nfsearch.errors import NfsearchError
 from nfsearch.search.problem import KINDS, NanoOp, SearchProblem, Solution
 from nfsearch.search.stage1 import StageResult, refine_hint, solve_stage1
-from nfsearch.search.stage2 import charged, piece_ranges, solve_stage2
+from nfsearch.search.stage2 import charged, piece_ranges, shared_sm_edges, solve_stage2
 from nfsearch.search.timeline import (
     SCALE,
     Structure,
@@ -133,8 +133,9 @@ def _from_stage2(problem: SearchProblem, r: StageResult, r1: StageResult, window
     start = {n: t - first for n, t in start.items()}
     t = r.period_units / SCALE
     gap = (r.period_units - r.period_bound_units) / r.period_units if r.period_units else 0.0
-    return _Candidate(r.status, r, s, parts, sizes, start, dur, flags, t,
-                      layer_span_us(s, start, dur), unrolled_makespan(problem, s, dur) + problem.tail_us,
+    shared = shared_sm_edges(problem, s, sizes, start, dur, t)
+    return _Candidate(r.status, r, s, parts, sizes, start, dur, flags, t, layer_span_us(s, start, dur),
+                      unrolled_makespan(problem, s, dur, shared) + problem.tail_us,
                       r1.period_units / SCALE, gap)
 
 
