@@ -49,7 +49,7 @@ class Solved:
 
 # Wall-clock limits make a solve depend on the machine's speed; deterministic time (CP-SAT's own
 # work counter) does not. Budgets are deterministic time; the wall limit is only a safety net.
-WALL_SAFETY_FACTOR = 30.0  # generous: a binding wall limit makes the result depend on machine load
+WALL_SAFETY_FACTOR = 12.0  # generous: a binding wall limit makes the result depend on machine load
 
 
 def _solve_once(model: cp_model.CpModel, problem: SearchProblem, budget: float,
