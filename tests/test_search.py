@@ -246,8 +246,8 @@ def _check_sm_sums(sol, num_sms, window=(-1, 0, 1)):
     def beside_net(a):
         return any(_meet(a, k, sol.period_us, window) for k in nets)
 
+    by = {a.name: a for a in ops}
     for order in sol.stream_order.values():  # a stream runs one nano-op at a time
-        by = {a.name: a for a in ops}
         for x, y in zip(order, order[1:], strict=False):
             assert by[x].end_us <= by[y].start_us + 1e-6, (x, y)
     for a in ops:

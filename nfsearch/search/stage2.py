@@ -249,15 +249,9 @@ def charged(problem: SearchProblem, r: StageResult, window_layers: int = 2
 
     eps = 1e-6  # touching intervals do not meet (float sums of the solver's integer times)
 
-    def meets(n: str, dur: dict[str, float]) -> list[str]:
-        s0, e0 = start[n], start[n] + dur[n]
-        return [jn for jn, b in c.stream_of.items() if b != c.stream_of[n] and dur[jn] > 0 and dur[n] > 0
-                and any(s0 < start[jn] + dur[jn] + d * t - eps and start[jn] + d * t < e0 - eps
-                        for d in range(-(window_layers - 1), window_layers))]
-
-    def bound_to(n: str, dur: dict[str, float]) -> list[str]:
-        """Nano-ops n must fit beside: those it meets and those ordered against it backwards
-        across layers [S2.back]."""
+    def meets(n: str, dur: dict[str, float], backward: bool = False) -> list[str]:
+        """Nano-ops of other streams that n meets (in the layers of the window) and, with
+        `backward`, those ordered against it later layer first [S2.back]: all must fit beside n."""
         s0, e0 = start[n], start[n] + dur[n]
         out = []
         for jn, b in c.stream_of.items():
@@ -265,7 +259,7 @@ def charged(problem: SearchProblem, r: StageResult, window_layers: int = 2
                 continue
             for d in range(-(window_layers - 1), window_layers):
                 sj, ej = start[jn] + d * t, start[jn] + dur[jn] + d * t
-                back = (d < 0 and e0 <= sj + eps) or (d > 0 and ej <= s0 + eps)
+                back = backward and ((d < 0 and e0 <= sj + eps) or (d > 0 and ej <= s0 + eps))
                 if (s0 < ej - eps and sj < e0 - eps) or back:
                     out.append(jn)
                     break
@@ -286,7 +280,7 @@ def charged(problem: SearchProblem, r: StageResult, window_layers: int = 2
                 dur[n], changed = d_now, True
             if a == NETWORK:
                 continue
-            met = bound_to(n, dur)
+            met = meets(n, dur, backward=True)
             beside = [sizes[jn] for jn in met if c.stream_of[jn] != NETWORK]
             # [S2.sms-net] the network partition is reserved while n meets a collective, and
             # [S2.sms] beside a nano-op of the other compute/memory stream ([S2.back] alike)

@@ -13,6 +13,7 @@ through it).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nfsearch.search.problem import Dep, SearchProblem, StageOp
@@ -165,7 +166,7 @@ def layer_span_us(s: Structure, start: dict[str, float], dur: dict[str, float]) 
 
 
 def unrolled_makespan(problem: SearchProblem, s: Structure, dur: dict[str, float],
-                      extra: list[tuple[str, str, bool]] = ()) -> float:
+                      extra: Sequence[tuple[str, str, bool]] = ()) -> float:
     """ASAP execution of `num_layers` layers as one graph (what the runtime replays): longest path
     over deps, stream order, the cross-layer edges (prev_layer deps, stream FIFO) and `extra`
     edges (before, after, after is in the next layer): the order between nano-ops on shared SMs."""
