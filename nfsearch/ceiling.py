@@ -15,16 +15,33 @@ That optimum bounds every schedule built from these kernels from below: it ignor
 between the ops (which only constrain a schedule further) and the cost of cutting the batch into
 nano-batches (smaller GEMMs run less efficiently). With two constraints an optimal basic solution
 uses at most two modes, so `best_mix` enumerates single modes and pairs of modes with both
-constraints tight. Pure: no torch, no I/O.
+constraints tight.
+
+Tensor parallelism adds a third resource, the network: the layer's all-reduces (`attn_allreduce`,
+`mlp_allreduce`, N us alone on all SMs' communicator). `solve_mix` solves the same program over any
+of the units {compute, memory, network}: minimise sum_k y_k subject to sum_k y_k * rate_{k,u} >= 1
+for every unit u, y >= 0, exactly, by enumerating the vertices (an optimal vertex has at most one
+mode per unit). Its modes (`network_ceiling`): each unit alone on all SMs, every measured pair side
+by side (compute|memory, compute|network, memory|network), and the three-way splits, which are not
+measured: their rates are each unit's rate *alone* on its share of the SMs, over the placed layouts
+c + m + n = top, an optimistic rate (no interference) that keeps the optimum a lower bound on time.
+The result is a ceiling (an upper bound on the speedup) only because every mode's rates are at
+least what the hardware does; like the two-unit one it ranges over the measured partition sizes.
+Pure: no torch, no I/O.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from nfsearch.errors import NfsearchError
+
+UNITS = ("compute", "memory", "network")
 
 
 def _positive(name: str, value: float) -> None:
@@ -125,3 +142,189 @@ def overlap_ceiling(c_us: float, m_us: float, other_us: float, seq_pair_us: floa
     if not other_us >= 0:
         raise NfsearchError(f"ceiling: other_us must be >= 0, got {other_us!r}")
     return Ceiling(c_us, m_us, other_us, seq_pair_us, tuple(splits), best_mix(c_us, m_us, splits))
+
+
+# ---- three units: compute, memory and the network (tensor parallelism) ---------------------------
+
+def _unit(name: str, value: object) -> None:
+    if value not in UNITS:
+        raise NfsearchError(f"ceiling: {name} must be one of {', '.join(UNITS)}, got {value!r}")
+
+
+def _sms(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise NfsearchError(f"ceiling: {name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One way to run the GPU for a while: (unit, us one unit takes in this mode) for each unit it
+    advances; the others do not advance."""
+
+    name: str
+    unit_us: tuple[tuple[str, float], ...]
+
+    def __post_init__(self) -> None:
+        if not self.unit_us:
+            raise NfsearchError(f"ceiling: mode {self.name!r} advances no unit")
+        for u, us in self.unit_us:
+            _unit("a mode's unit", u)
+            _positive(f"{u} us of mode {self.name!r}", us)
+        if len({u for u, _ in self.unit_us}) != len(self.unit_us):
+            raise NfsearchError(f"ceiling: mode {self.name!r} names a unit twice")
+
+    def rate(self, unit: str) -> float:
+        """Units of `unit` per us in this mode (0 when it does not advance)."""
+        return next((1.0 / us for u, us in self.unit_us if u == unit), 0.0)
+
+
+def solve_mix(modes: Sequence[Mode], chunk: int = 100_000) -> Mix:
+    """The exact optimum of the module docstring's program over the units the modes advance.
+
+    An optimal vertex with support S has |S| linearly independent tight unit rows T, so every
+    vertex solves R[T, S] y_S = 1 for some |S| = |T| <= #units: enumerate them (batched in numpy),
+    keep the feasible ones, take the least time (the fewest modes among ties)."""
+    if not modes:
+        raise NfsearchError("ceiling: no modes to mix")
+    units = [u for u in UNITS if any(m.rate(u) > 0 for m in modes)]
+    scale = max(us for m in modes for _, us in m.unit_us)  # rates in units per `scale` us: O(1)
+    rates = np.array([[m.rate(u) * scale for u in units] for m in modes])  # [modes, units]
+    best_t, best_y, best_s = np.inf, None, None
+    for size in range(1, len(units) + 1):
+        combos = itertools.combinations(range(len(modes)), size)
+        while block := list(itertools.islice(combos, chunk)):
+            s_idx = np.array(block)  # [n, size] mode indices
+            r = rates[s_idx]  # [n, size modes, units]
+            for rows in itertools.combinations(range(len(units)), size):
+                a = r[:, :, list(rows)].transpose(0, 2, 1)  # [n, tight units, modes]
+                norm = np.prod(np.linalg.norm(a, axis=2), axis=1)
+                ok = np.abs(np.linalg.det(a)) > 1e-11 * norm
+                if not ok.any():
+                    continue
+                y = np.linalg.solve(a[ok], np.ones((int(ok.sum()), size, 1)))[..., 0]  # [n', size]
+                done = np.einsum("ns,nsu->nu", y, r[ok])  # units done, every unit
+                feas = (y >= -1e-12).all(axis=1) & (done >= 1 - 1e-9).all(axis=1)
+                if not feas.any():
+                    continue
+                t = y.sum(axis=1)
+                t[~feas] = np.inf
+                i = int(np.argmin(t))
+                if t[i] < best_t * (1 - 1e-12):
+                    best_t, best_y, best_s = float(t[i]), y[i], s_idx[ok][i]
+    if best_y is None:  # every unit has a mode advancing it, so only near-singular rates get here
+        raise NfsearchError(f"ceiling: no vertex of the linear program over {len(modes)} modes "
+                            "(degenerate rates)")
+    return Mix(best_t * scale, tuple((modes[k].name, float(v) * scale)
+                                     for k, v in zip(best_s, best_y, strict=True) if v > 1e-12))
+
+
+@dataclass(frozen=True)
+class PairRate:
+    """Two units measured side by side on a placed split: `bottom` on the bottom `bottom_sms` SM
+    slots, `top` on the top `top_sms`; us per unit of each, co-running."""
+
+    bottom: str
+    top: str
+    bottom_sms: int
+    top_sms: int
+    bottom_us: float
+    top_us: float
+
+    def __post_init__(self) -> None:
+        _unit("bottom", self.bottom)
+        _unit("top", self.top)
+        if self.bottom == self.top:
+            raise NfsearchError(f"ceiling: a pair needs two units, got {self.bottom} twice")
+        _sms("bottom_sms", self.bottom_sms)
+        _sms("top_sms", self.top_sms)
+        _positive("bottom_us", self.bottom_us)
+        _positive("top_us", self.top_us)
+
+    @property
+    def mode(self) -> Mode:
+        return Mode(f"{self.bottom}|{self.top} {self.bottom_sms}/{self.top_sms}",
+                    ((self.bottom, self.bottom_us), (self.top, self.top_us)))
+
+
+@dataclass(frozen=True)
+class UnitRate:
+    """One unit alone on a placed partition of `num_sms` SMs: us per unit."""
+
+    unit: str
+    num_sms: int
+    us: float
+
+    def __post_init__(self) -> None:
+        _unit("unit", self.unit)
+        _sms("num_sms", self.num_sms)
+        _positive("us", self.us)
+
+
+def three_way_modes(alone: Sequence[UnitRate], top_sms: int) -> list[Mode]:
+    """Optimistic three-way splits: compute on c, memory on m, network on n SMs with c + m + n =
+    `top_sms`, each unit at its rate alone on its share (a co-run is no faster), for every (c, m, n)
+    where all three were measured alone."""
+    _sms("top_sms", top_sms)
+    have = {(a.unit, a.num_sms): a.us for a in alone}
+    sizes = {u: sorted(s for v, s in have if v == u) for u in UNITS}
+    return [Mode(f"3-way {c}/{top_sms - c - n}/{n} (alone rates)",
+                 (("compute", have["compute", c]), ("memory", have["memory", top_sms - c - n]),
+                  ("network", have["network", n])))
+            for c in sizes["compute"] for n in sizes["network"]
+            if ("memory", top_sms - c - n) in have]
+
+
+@dataclass(frozen=True)
+class NetworkCeiling:
+    """Measured units of a tensor-parallel layer and the ceilings on the overlap's speedup."""
+
+    c_us: float
+    m_us: float
+    n_us: float  # the layer's all-reduces over the whole batch, alone on all SMs
+    other_us: float  # the rest of the layer (norms, RoPE, KV append), alone on all SMs
+    seq_us: float  # one unit each of compute, memory and network, as the sequential schedule runs them
+    top_sms: int  # the placed SMs the splits share
+    pairs: tuple[PairRate, ...]
+    alone: tuple[UnitRate, ...]  # each unit alone on a partition: the three-way modes' rates
+    mix: Mix  # over every mode: the ceiling
+    pairs_mix: Mix  # over the measured modes only (alone on all SMs and the pairs)
+
+    @property
+    def units(self) -> float:
+        """Over the three units alone."""
+        return self.seq_us / self.mix.time_us
+
+    @property
+    def other_serial(self) -> float:
+        """The layer, with the other ops run after the overlapped units."""
+        return (self.seq_us + self.other_us) / (self.mix.time_us + self.other_us)
+
+    @property
+    def other_free(self) -> float:
+        """The layer, with the other ops hidden at no cost (the loosest ceiling)."""
+        return (self.seq_us + self.other_us) / self.mix.time_us
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"c_us": self.c_us, "m_us": self.m_us, "n_us": self.n_us, "other_us": self.other_us,
+                "seq_us": self.seq_us, "top_sms": self.top_sms, "pairs": [asdict(p) for p in self.pairs],
+                "alone_partition": [asdict(a) for a in self.alone],
+                "best_us": self.mix.time_us, "best_mix": [list(m) for m in self.mix.modes],
+                "pairs_best_us": self.pairs_mix.time_us,
+                "pairs_best_mix": [list(m) for m in self.pairs_mix.modes],
+                "ceiling_units": self.units, "ceiling_units_pairs_only": self.seq_us / self.pairs_mix.time_us,
+                "ceiling_layer_other_serial": self.other_serial,
+                "ceiling_layer_other_free": self.other_free}
+
+
+def network_ceiling(c_us: float, m_us: float, n_us: float, other_us: float, seq_us: float,
+                    pairs: Sequence[PairRate], alone: Sequence[UnitRate], top_sms: int) -> NetworkCeiling:
+    """The ceiling of a tensor-parallel layer (module docstring): modes each unit alone on all SMs,
+    the measured `pairs`, and the three-way splits from `alone` over c + m + n = `top_sms`."""
+    for name, v in (("c_us", c_us), ("m_us", m_us), ("n_us", n_us), ("seq_us", seq_us)):
+        _positive(name, v)
+    if not other_us >= 0:
+        raise NfsearchError(f"ceiling: other_us must be >= 0, got {other_us!r}")
+    measured = [Mode("compute alone", (("compute", c_us),)), Mode("memory alone", (("memory", m_us),)),
+                Mode("network alone", (("network", n_us),)), *(p.mode for p in pairs)]
+    return NetworkCeiling(c_us, m_us, n_us, other_us, seq_us, top_sms, tuple(pairs), tuple(alone),
+                          solve_mix(measured + three_way_modes(alone, top_sms)), solve_mix(measured))

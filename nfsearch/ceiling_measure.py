@@ -15,7 +15,9 @@ over a 2 GiB pool per layer):
   interference co-runs do (`nfsearch.profiler.corun`).
 
 `nfsearch.ceiling.overlap_ceiling` turns these into the ceiling on the overlap's speedup (its
-docstring has the linear program). One GPU (tp 1). The JSON record goes to `--out` (atomic write).
+docstring has the linear program). A tensor-parallel schedule (tp N > 1) re-runs the command as N
+processes under torchrun, one per GPU, and adds the network (the layer's all-reduces) as a third
+unit (`nfsearch.ceiling_tp`). The JSON record goes to `--out` (atomic write; rank 0 under TP).
 This module imports no torch at import time: the CLI registers it on machines without a GPU.
 """
 
@@ -51,25 +53,45 @@ class CeilingConfig:
             raise NfsearchError(f"--seconds must be positive, got {self.seconds!r}")
 
 
-def units(schedule: Schedule) -> tuple[Unit, Unit, Unit]:
-    """(compute, memory, other) ops of one layer of the schedule's batch: compute = the compute ops,
-    memory = the decode-class memory ops (decode attention), other = the rest (norms, RoPE, KV
-    append). Ops with no tokens in this batch are left out."""
-    meta, b = schedule.metadata, schedule.metadata.batch
-    if meta.tp != 1:
-        raise NfsearchError(f"ceiling: one GPU only, the schedule has tp {meta.tp}")
+def _classify(schedule: Schedule) -> dict[str, Unit]:
+    """compute, memory, network and other ops of one layer of the schedule's batch, as (op, tokens,
+    context); ops with no tokens in this batch are left out."""
+    b = schedule.metadata.batch
     point = {"all": (b.dense_batch, 0), "prefill": (b.prefill_tokens, b.prefill_context),
              "decode": (b.decode_tokens, b.decode_context)}
-    compute = [(o.name, *point[o.token_class]) for o in schedule.layer if o.kind == "compute"]
-    memory = [(o.name, *point[o.token_class]) for o in schedule.layer
-              if o.kind == "memory" and o.token_class == "decode"]
-    taken = {n for n, *_ in compute + memory}
-    other = [(o.name, *point[o.token_class]) for o in schedule.layer if o.name not in taken]
-    compute, memory, other = ([x for x in u if x[1] > 0] for u in (compute, memory, other))
-    if not compute or not memory:
-        raise NfsearchError("ceiling: the batch needs compute work and decode attention to overlap, "
-                            f"got compute {[n for n, *_ in compute]} and memory {[n for n, *_ in memory]}")
-    return compute, memory, other
+    out: dict[str, Unit] = {"compute": [], "memory": [], "network": [], "other": []}
+    for o in schedule.layer:
+        kind = o.kind if o.kind in ("compute", "network") else "other"
+        if o.kind == "memory" and o.token_class == "decode":
+            kind = "memory"
+        out[kind].append((o.name, *point[o.token_class]))
+    out = {k: [x for x in u if x[1] > 0] for k, u in out.items()}
+    need = ("compute", "memory", "network") if schedule.metadata.tp > 1 else ("compute", "memory")
+    if any(not out[k] for k in need):
+        raise NfsearchError("ceiling: the batch needs compute work and decode attention to overlap"
+                            + (" and all-reduces" if schedule.metadata.tp > 1 else "") + ", got "
+                            + " and ".join(f"{k} {[n for n, *_ in out[k]]}" for k in need))
+    return out
+
+
+def units(schedule: Schedule) -> tuple[Unit, Unit, Unit]:
+    """(compute, memory, other) ops of one layer of a tp-1 schedule's batch: compute = the compute
+    ops, memory = the decode-class memory ops (decode attention), other = the rest (norms, RoPE, KV
+    append). Ops with no tokens in this batch are left out."""
+    if schedule.metadata.tp != 1:
+        raise NfsearchError(f"ceiling: units() is for one GPU, the schedule has tp "
+                            f"{schedule.metadata.tp} (tp_units)")
+    u = _classify(schedule)
+    return u["compute"], u["memory"], u["other"]
+
+
+def tp_units(schedule: Schedule) -> tuple[Unit, Unit, Unit, Unit]:
+    """(compute, memory, network, other) of a tensor-parallel schedule: as `units`, with the
+    network unit the layer's all-reduces (attn_allreduce, mlp_allreduce) over the whole batch."""
+    if schedule.metadata.tp < 2:
+        raise NfsearchError(f"ceiling: tp_units() is for tp > 1, the schedule has tp {schedule.metadata.tp}")
+    u = _classify(schedule)
+    return u["compute"], u["memory"], u["network"], u["other"]
 
 
 def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -159,19 +181,49 @@ def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str,
             **ceil.to_dict(), "alone": alone}
 
 
+def _measure_tp(cfg: CeilingConfig, schedule: Schedule, argv: list[str] | None,
+                log: Callable[[str], None]) -> dict[str, Any] | int:
+    """Under tp > 1: outside torchrun, run this command as tp processes and return their exit code
+    (`nfsearch.launch.relaunch`, as `nfsearch profile --tp N`); inside, measure in lockstep with
+    the other ranks (nfsearch/ceiling_tp.py) and return the record on rank 0, 0 on the others."""
+    from nfsearch.models import check_tp
+
+    tp = schedule.metadata.tp
+    tp_units(schedule)  # a bad batch fails here, before starting tp processes
+    check_tp(schedule.metadata.model_config, tp)
+    require_cuda("ceiling")
+    from nfsearch.launch import relaunch
+
+    code = relaunch(tp, argv)
+    if code is not None:
+        return code
+    from nfrt.tp import TPGroup
+
+    from nfsearch.ceiling_tp import measure_tp
+
+    group = TPGroup.from_env("cuda")  # sets this rank's device (LOCAL_RANK)
+    try:
+        rec = measure_tp(cfg, schedule, group, log)
+    finally:
+        group.close()
+    return 0 if rec is None else rec
+
+
 def record_path(out_dir: str, rec: dict[str, Any]) -> Path:
-    """<out>/ceiling-<model>-<gpu slug, else name>-<workload>-<UTC date and time>.json"""
+    """<out>/ceiling-<model>-<gpu slug, else name>[-tp<N>]-<workload>-<UTC date and time>.json"""
     from nfsearch.gpus import gpu_slug_for_device_name
 
     gpu = gpu_slug_for_device_name(rec["gpu"]) or rec["gpu"]
+    gpu += f"-tp{rec['tp']}" if rec.get("tp", 1) > 1 else ""
     return stamped_path(out_dir, ("ceiling", rec["model"], gpu, rec["workload"]), rec["date"])
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     d = CeilingConfig(schedule="")
     p = sub.add_parser("ceiling", help="measure how much overlapping a schedule's compute and memory "
-                                       "work can gain on this GPU, at most")
-    p.add_argument("--schedule", required=True, help="a schedule YAML file (its batch is measured)")
+                                       "work (and, under TP, its all-reduces) can gain on this GPU, at most")
+    p.add_argument("--schedule", required=True,
+                   help="a schedule YAML file (its batch is measured; tp N > 1: N processes, one per GPU)")
     p.add_argument("--seconds", type=float, default=d.seconds,
                    help="length of each sustained co-run (default: %(default)s)")
     p.add_argument("--out", default=d.out, help="folder of the JSON record (default: %(default)s)")
@@ -181,8 +233,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_ceiling(args: argparse.Namespace) -> int:
     cfg = CeilingConfig(schedule=args.schedule, seconds=args.seconds, out=args.out)
-    rec = measure(cfg, log=(lambda s: print(s, file=sys.stderr, flush=True)) if args.json
-                  else (lambda s: print(s, flush=True)))
+    log = ((lambda s: print(s, file=sys.stderr, flush=True)) if args.json
+           else (lambda s: print(s, flush=True)))
+    schedule = load_schedule(cfg.schedule)
+    if schedule.metadata.tp > 1:
+        rec = _measure_tp(cfg, schedule, getattr(args, "argv", None), log)
+        if isinstance(rec, int):  # the relaunching process's exit code, or a rank other than 0
+            return rec
+    else:
+        rec = measure(cfg, log=log)
     path = write_record(rec, record_path(cfg.out, rec), "ceiling")
     if args.json:
         print(json.dumps(rec, indent=2))

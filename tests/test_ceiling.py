@@ -9,7 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from nfsearch.ceiling import SplitRate, best_mix, overlap_ceiling
+from nfsearch.ceiling import (
+    Mode,
+    PairRate,
+    SplitRate,
+    UnitRate,
+    best_mix,
+    network_ceiling,
+    overlap_ceiling,
+    solve_mix,
+    three_way_modes,
+)
 from nfsearch.errors import NfsearchError
 
 RUNS = Path(__file__).resolve().parent.parent / "benchmarks" / "runs"
@@ -85,6 +95,13 @@ def test_ceilings_and_bad_input() -> None:
 @pytest.mark.parametrize("path", sorted(RUNS.glob("ceiling-*.json")), ids=lambda p: p.name)
 def test_recorded_ceilings_follow_from_their_measurements(path: Path) -> None:
     d = json.loads(path.read_text())
+    if "n_us" in d:  # tensor parallel: three units
+        ceil = network_ceiling(d["c_us"], d["m_us"], d["n_us"], d["other_us"], d["seq_us"],
+                               [PairRate(**p) for p in d["pairs"]],
+                               [UnitRate(**a) for a in d["alone_partition"]], d["top_sms"])
+        assert ceil.mix.time_us == pytest.approx(d["best_us"], rel=1e-9)
+        assert ceil.other_serial == pytest.approx(d["ceiling_layer_other_serial"], rel=1e-9)
+        return
     splits = [SplitRate(s["compute_sms"], s["memory_sms"], s["tc_us"], s["tm_us"]) for s in d["splits"]]
     ceil = overlap_ceiling(d["c_us"], d["m_us"], d["other_us"], d["seq_pair_us"], splits)
     assert ceil.mix.time_us == pytest.approx(d["best_us"], rel=1e-9)
@@ -129,12 +146,14 @@ def test_ceiling_cli_errors_are_one_line(capsys) -> None:
     torch = pytest.importorskip("torch")
     from nfsearch.cli import main
 
-    cases = [(["--schedule", str(SCHEDULES / "llama3-70b-h200-tp4-splitwise.yaml")], "one GPU only"),
-             (["--schedule", str(SCHEDULES / "nope.yaml")], "nope.yaml"),
+    cases = [(["--schedule", str(SCHEDULES / "nope.yaml")], "nope.yaml"),
              (["--schedule", "x.yaml", "--seconds", "0"], "--seconds must be positive")]
+    tp4 = str(SCHEDULES / "llama3-70b-h200-tp4-splitwise.yaml")
     if not torch.cuda.is_available():
         one_gpu = str(SCHEDULES / "llama3-8b-h200-tp1-splitwise.yaml")
-        cases.append((["--schedule", one_gpu], "needs a CUDA GPU"))
+        cases += [(["--schedule", one_gpu], "needs a CUDA GPU"), (["--schedule", tp4], "needs a CUDA GPU")]
+    elif torch.cuda.device_count() < 4:
+        cases.append((["--schedule", tp4], "--tp 4 needs 4 CUDA GPUs"))
     for argv, want in cases:
         assert main(["ceiling", *argv]) == 2
         err = capsys.readouterr().err.strip()
@@ -150,3 +169,229 @@ def test_ceiling_record_path() -> None:
     assert record_path("runs", rec) == Path("runs") / want
     unknown = record_path("runs", {**rec, "gpu": "Some GPU 9000"})
     assert unknown.name == "ceiling-llama3-8b-Some-GPU-9000-const-1024-512-20261121T164305Z.json"
+    tp4 = record_path("runs", {**rec, "model": "llama3-70b", "gpu": "NVIDIA H200", "tp": 4})
+    assert tp4.name == "ceiling-llama3-70b-h200-tp4-const-1024-512-20261121T164305Z.json"
+
+
+# ---- three units: compute, memory, network (tensor parallelism) -----------------------------------
+
+def _glop_modes(modes: list[Mode]) -> float:
+    pywraplp = pytest.importorskip("ortools.linear_solver.pywraplp")
+    lp = pywraplp.Solver.CreateSolver("GLOP")
+    y = [lp.NumVar(0.0, lp.infinity(), f"y{i}") for i in range(len(modes))]
+    for u in ("compute", "memory", "network"):
+        if any(m.rate(u) > 0 for m in modes):
+            lp.Add(sum(v * m.rate(u) for v, m in zip(y, modes, strict=True)) >= 1)
+    lp.Minimize(sum(y))
+    assert lp.Solve() == pywraplp.Solver.OPTIMAL
+    return lp.Objective().Value()
+
+
+def _check_mix_does_every_unit(mix, modes: list[Mode]) -> None:
+    by_name = {m.name: m for m in modes}
+    assert mix.time_us == pytest.approx(sum(t for _, t in mix.modes), rel=1e-9)
+    assert all(t > 0 for _, t in mix.modes) and len(mix.modes) <= 3
+    for u in ("compute", "memory", "network"):
+        if any(m.rate(u) > 0 for m in modes):
+            assert sum(t * by_name[n].rate(u) for n, t in mix.modes) >= 1 - 1e-7
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_solve_mix_is_the_lp_optimum_on_random_modes(seed: int) -> None:
+    rng = random.Random(seed)
+    units = ("compute", "memory", "network")[: rng.choice((2, 3, 3))]
+    alone = {u: rng.uniform(50, 2000) for u in units}
+    modes = [Mode(f"{u} alone", ((u, us),)) for u, us in alone.items()]
+    for k in range(rng.randint(1, 25)):  # any subset of the units, each 1x-4x slower than alone
+        sub = rng.sample(units, rng.randint(2, len(units)))
+        modes.append(Mode(f"m{k}", tuple((u, alone[u] * rng.uniform(1.0, 4.0)) for u in sub)))
+    mix = solve_mix(modes)
+    assert mix.time_us == pytest.approx(_glop_modes(modes), rel=1e-7)
+    _check_mix_does_every_unit(mix, modes)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_solve_mix_equals_best_mix_on_two_units(seed: int) -> None:
+    rng = random.Random(1000 + seed)
+    c_us, m_us = rng.uniform(100, 2000), rng.uniform(100, 2000)
+    splits = [SplitRate(cs, 128 - cs, c_us * rng.uniform(1.0, 3.0), m_us * rng.uniform(1.0, 3.0))
+              for cs in rng.sample(range(8, 128, 8), rng.randint(0, 8))]
+    modes = [Mode("compute alone", (("compute", c_us),)), Mode("memory alone", (("memory", m_us),))]
+    modes += [Mode(s.name, (("compute", s.tc_us), ("memory", s.tm_us))) for s in splits]
+    assert solve_mix(modes).time_us == pytest.approx(best_mix(c_us, m_us, splits).time_us, rel=1e-9)
+
+
+def _random_tp_instance(rng: random.Random, top: int = 120):
+    c_us, m_us, n_us = rng.uniform(500, 1500), rng.uniform(100, 600), rng.uniform(100, 600)
+    alone_all = {"compute": c_us, "memory": m_us, "network": n_us}
+    pairs, solo = [], {}
+
+    def on(u: str, s: int) -> float:  # alone on s SMs: slower than on all 132, the network least so
+        return solo.setdefault((u, s), alone_all[u] * (132 / s) ** (0.2 if u == "network" else 0.9)
+                               * rng.uniform(1.0, 1.2))
+
+    for cs in rng.sample(range(40, top - 7, 8), rng.randint(1, 6)):
+        pairs.append(PairRate("compute", "memory", cs, top - cs, on("compute", cs) * rng.uniform(1, 1.5),
+                              on("memory", top - cs) * rng.uniform(1, 1.5)))
+    for b in ("compute", "memory"):
+        for ns in rng.sample((8, 16, 24, 32), rng.randint(1, 4)):
+            pairs.append(PairRate(b, "network", top - ns, ns, on(b, top - ns) * rng.uniform(1, 1.5),
+                                  on("network", ns) * rng.uniform(1, 1.5)))
+    alone = [UnitRate(u, s, us) for (u, s), us in solo.items()]
+    return c_us, m_us, n_us, pairs, alone
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_network_ceiling_is_the_lp_optimum(seed: int) -> None:
+    rng = random.Random(2000 + seed)
+    top = 120
+    c_us, m_us, n_us, pairs, alone = _random_tp_instance(rng, top)
+    other_us, seq_us = rng.uniform(0, 200), (c_us + m_us + n_us) * rng.uniform(0.95, 1.05)
+    ceil = network_ceiling(c_us, m_us, n_us, other_us, seq_us, pairs, alone, top)
+    measured = [Mode("compute alone", (("compute", c_us),)), Mode("memory alone", (("memory", m_us),)),
+                Mode("network alone", (("network", n_us),)), *(p.mode for p in pairs)]
+    three = three_way_modes(alone, top)
+    assert ceil.mix.time_us == pytest.approx(_glop_modes(measured + three), rel=1e-7)
+    assert ceil.pairs_mix.time_us == pytest.approx(_glop_modes(measured), rel=1e-7)
+    _check_mix_does_every_unit(ceil.mix, measured + three)
+    # more modes can only help; doing the units one after the other is always a mix
+    assert ceil.mix.time_us <= ceil.pairs_mix.time_us * (1 + 1e-9) <= (c_us + m_us + n_us) * (1 + 1e-9)
+    assert ceil.units == pytest.approx(seq_us / ceil.mix.time_us)
+    assert ceil.other_serial == pytest.approx((seq_us + other_us) / (ceil.mix.time_us + other_us))
+    assert ceil.other_free >= ceil.other_serial
+    d = ceil.to_dict()
+    assert json.loads(json.dumps(d)) == d and d["ceiling_units"] == ceil.units
+    for m in three:  # every three-way mode fills the placed SMs, each unit at its rate alone there
+        c, mem, n = (int(x) for x in m.name.split()[1].split("/"))
+        assert c + mem + n == top
+        rates = {(a.unit, a.num_sms): a.us for a in alone}
+        assert dict(m.unit_us) == {"compute": rates["compute", c], "memory": rates["memory", mem],
+                                   "network": rates["network", n]}
+
+
+def test_three_pairs_each_perfect_share_the_work() -> None:
+    # each pair runs both its units at full speed: half of each pair does one of every unit
+    pairs = [PairRate("compute", "memory", 88, 32, 100.0, 100.0),
+             PairRate("compute", "network", 104, 16, 100.0, 100.0),
+             PairRate("memory", "network", 104, 16, 100.0, 100.0)]
+    ceil = network_ceiling(100.0, 100.0, 100.0, 0.0, 300.0, pairs, [], 120)
+    assert ceil.mix.time_us == pytest.approx(150.0)
+    assert dict(ceil.mix.modes) == pytest.approx({p.mode.name: 50.0 for p in pairs})
+    assert ceil.units == pytest.approx(2.0)
+
+
+def test_perfect_three_way_split_and_pairs_without_gain() -> None:
+    # pairs as fast as one after the other; a three-way split that does each unit in 100 us
+    pairs = [PairRate("compute", "memory", 80, 40, 180.0, 180.0),
+             PairRate("compute", "network", 104, 16, 180.0, 180.0)]
+    alone = [UnitRate("compute", 80, 100.0), UnitRate("memory", 24, 100.0), UnitRate("network", 16, 100.0),
+             UnitRate("memory", 40, 60.0)]
+    ceil = network_ceiling(90.0, 90.0, 90.0, 30.0, 270.0, pairs, alone, 120)
+    assert ceil.pairs_mix.time_us == pytest.approx(270.0)
+    assert ceil.mix.time_us == pytest.approx(100.0)
+    assert [n for n, _ in ceil.mix.modes] == ["3-way 80/24/16 (alone rates)"]
+    assert ceil.other_serial == pytest.approx(300 / 130)
+    assert ceil.other_free == pytest.approx(300 / 100)
+
+
+def test_compute_network_overlap_then_memory_alone() -> None:
+    pairs = [PairRate("compute", "network", 104, 16, 300.0, 100.0)]
+    ceil = network_ceiling(300.0, 50.0, 100.0, 0.0, 450.0, pairs, [], 120)
+    assert ceil.mix.time_us == pytest.approx(350.0)
+    assert dict(ceil.mix.modes) == pytest.approx({"compute|network 104/16": 300.0, "memory alone": 50.0})
+
+
+def test_three_way_modes_only_where_all_three_were_measured() -> None:
+    alone = [UnitRate("compute", 80, 1.0), UnitRate("compute", 88, 1.0), UnitRate("compute", 96, 1.0),
+             UnitRate("memory", 24, 1.0), UnitRate("memory", 16, 1.0), UnitRate("memory", 8, 1.0),
+             UnitRate("network", 16, 1.0)]
+    assert sorted(m.name for m in three_way_modes(alone, 120)) == [
+        "3-way 80/24/16 (alone rates)", "3-way 88/16/16 (alone rates)", "3-way 96/8/16 (alone rates)"]
+    assert three_way_modes(alone[:3], 120) == []
+
+
+def test_three_unit_bad_input() -> None:
+    bad = [(lambda: Mode("x", ()), "advances no unit"),
+           (lambda: Mode("x", (("disk", 1.0),)), "one of compute, memory, network"),
+           (lambda: Mode("x", (("compute", 1.0), ("compute", 2.0))), "names a unit twice"),
+           (lambda: Mode("x", (("compute", 0.0),)), "compute us of mode"),
+           (lambda: PairRate("memory", "memory", 8, 8, 1.0, 1.0), "two units"),
+           (lambda: PairRate("compute", "network", 0, 8, 1.0, 1.0), "bottom_sms"),
+           (lambda: PairRate("compute", "network", 8, 8, 1.0, float("nan")), "top_us"),
+           (lambda: UnitRate("network", True, 1.0), "num_sms"),
+           (lambda: UnitRate("gpu", 8, 1.0), "unit must be one of"),
+           (lambda: solve_mix([]), "no modes"),
+           (lambda: three_way_modes([], 0), "top_sms"),
+           (lambda: network_ceiling(1.0, 1.0, -1.0, 0.0, 3.0, [], [], 120), "n_us"),
+           (lambda: network_ceiling(1.0, 1.0, 1.0, -1.0, 3.0, [], [], 120), "other_us")]
+    for make, want in bad:
+        with pytest.raises(NfsearchError, match=want):
+            make()
+
+
+def test_units_of_a_tp4_schedule() -> None:
+    from nfrt.schedule import load_schedule
+
+    from nfsearch.ceiling_measure import tp_units, units
+
+    sched = load_schedule(SCHEDULES / "llama3-70b-h200-tp4-splitwise.yaml")
+    c, m, n, o = tp_units(sched)
+    assert n == [("attn_allreduce", 2048, 0), ("mlp_allreduce", 2048, 0)]
+    assert c == [("qkv_proj", 2048, 0), ("attn_prefill", 1728, 1540), ("o_proj", 2048, 0),
+                 ("gate_up", 2048, 0), ("down", 2048, 0)]
+    assert m == [("attn_decode", 320, 1261)]
+    assert [x for x, *_ in o] == ["input_norm", "rope", "kv_append", "post_norm", "silu_mul"]
+    with pytest.raises(NfsearchError, match="tp_units"):
+        units(sched)
+    with pytest.raises(NfsearchError, match="tp > 1"):
+        tp_units(load_schedule(SCHEDULES / "llama3-8b-h200-tp1-splitwise.yaml"))
+
+
+def test_tp_units_need_decode_attention() -> None:
+    from dataclasses import replace
+
+    from nfrt.config import BatchComposition
+    from nfrt.schedule import Schedule, load_schedule
+
+    from nfsearch.ceiling_measure import tp_units
+
+    sched = load_schedule(SCHEDULES / "llama3-70b-h200-tp4-splitwise.yaml")
+    b = BatchComposition(512, 0, 512, 0, 256)
+    prefill_only = Schedule.sequential(replace(sched.metadata, batch=b, dense_batch=512), sched.layer)
+    with pytest.raises(NfsearchError, match="and all-reduces"):
+        tp_units(prefill_only)
+
+
+def test_tp_schedule_relaunches_under_torchrun(monkeypatch, tmp_path) -> None:
+    pytest.importorskip("torch")
+    import nfsearch.ceiling_measure as cm
+    import nfsearch.launch
+    from nfsearch.cli import main
+
+    calls = []
+    monkeypatch.setattr(cm, "require_cuda", lambda command="bench": None)
+    monkeypatch.setattr(nfsearch.launch, "relaunch", lambda tp, argv=None: calls.append((tp, argv)) or 7)
+    tp4 = str(SCHEDULES / "llama3-70b-h200-tp4-splitwise.yaml")
+    argv = ["ceiling", "--schedule", tp4, "--seconds", "0.2", "--out", str(tmp_path)]
+    assert main(argv) == 7  # the exit code of the tp processes
+    assert calls == [(4, argv)]
+    # a tp-1 schedule measures in this process
+    fake = {"date": "2026-11-21T16:43:05Z", "model": "llama3-8b", "gpu": "NVIDIA H200", "workload": "w"}
+    monkeypatch.setattr(cm, "measure", lambda cfg, log=print: dict(fake, seconds=cfg.seconds))
+    assert main(["ceiling", "--schedule", str(SCHEDULES / "llama3-8b-h200-tp1-splitwise.yaml"),
+                 "--seconds", "0.3", "--out", str(tmp_path)]) == 0
+    assert len(calls) == 1
+    (written,) = tmp_path.iterdir()
+    assert json.loads(written.read_text())["seconds"] == 0.3
+
+
+def test_tp_schedule_inside_a_torchrun_of_another_size(monkeypatch, capsys) -> None:
+    pytest.importorskip("torch")
+    import nfsearch.ceiling_measure as cm
+    from nfsearch.cli import main
+
+    monkeypatch.setattr(cm, "require_cuda", lambda command="bench": None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["ceiling", "--schedule", str(SCHEDULES / "llama3-70b-h200-tp4-splitwise.yaml")]) == 2
+    assert "--tp 4, but torchrun started 2 processes" in capsys.readouterr().err

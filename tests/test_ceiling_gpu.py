@@ -1,9 +1,16 @@
 """`nfsearch ceiling` on a GPU: a tiny schedule's units measured alone, side by side on every placed
-split, and the ceiling recomputed from the record."""
+split, and the ceiling recomputed from the record; the same at tp 2 on two GPUs (torchrun), with the
+all-reduces as a third unit."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +21,7 @@ from nfrt.config import BatchComposition  # noqa: E402
 from nfrt.schedule import save_schedule  # noqa: E402
 from schedules_util import nano_schedule  # noqa: E402
 
-from nfsearch.ceiling import SplitRate, overlap_ceiling  # noqa: E402
+from nfsearch.ceiling import PairRate, SplitRate, UnitRate, network_ceiling, overlap_ceiling  # noqa: E402
 from nfsearch.cli import main  # noqa: E402
 from nfsearch.models import resolve_model  # noqa: E402
 
@@ -49,3 +56,51 @@ def test_ceiling_tiny_schedule(tmp_path, capsys):
     ceil = overlap_ceiling(rec["c_us"], rec["m_us"], rec["other_us"], rec["seq_pair_us"], splits)
     assert ceil.mix.time_us == pytest.approx(rec["best_us"])
     assert rec["ceiling_layer_other_free"] >= rec["ceiling_layer_other_serial"] > 0
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ceiling_tp2_tiny_schedule(tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    if not has_cuda_bindings():
+        pytest.skip("the splits run on green-context partitions (cuda-bindings)")
+    from nfrt.schedule import Schedule, load_schedule
+    from nfrt.tp import NO_MULTICAST_ENV
+
+    # tiny-llama at tp 2 on the layer graph (network ops included) of a shipped TP schedule
+    shipped = load_schedule(ROOT / "schedules" / "llama3-70b-h200-tp4-splitwise.yaml")
+    config = resolve_model("tiny-llama")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    meta = replace(shipped.metadata, model=config.name, model_config=config, tp=2, num_sms=sms,
+                   batch=BatchComposition(256, 192, 64, 100, 32), dense_batch=256,
+                   num_layers=config.num_layers, workload="test")
+    path = save_schedule(Schedule.sequential(meta, shipped.layer), tmp_path / "tiny-tp2.yaml")
+    out = tmp_path / "runs"
+    env = dict(os.environ, **NO_MULTICAST_ENV, OMP_NUM_THREADS="4")
+    run = subprocess.run([sys.executable, "-m", "nfsearch", "ceiling", "--schedule", str(path),
+                          "--seconds", "0.05", "--out", str(out)], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:] + run.stdout[-4000:]
+    (written,) = out.iterdir()
+    assert "-tp2-" in written.name
+    rec = json.loads(written.read_text())
+    assert rec["tp"] == 2 and [n for n, *_ in rec["network_unit"]] == ["attn_allreduce", "mlp_allreduce"]
+    for key in ("c_us", "m_us", "n_us", "other_us", "seq_us", "best_us", "pairs_best_us"):
+        assert math.isfinite(rec[key]) and rec[key] > 0, key
+    kinds = {(p["bottom"], p["top"]) for p in rec["pairs"]}
+    assert kinds == {("compute", "memory"), ("compute", "network"), ("memory", "network")}
+    top = rec["top_sms"]
+    assert all(p["bottom_sms"] + p["top_sms"] == top for p in rec["pairs"])
+    assert all(p["top_sms"] <= 32 for p in rec["pairs"] if p["top"] == "network")
+    # doing the units one after the other is always a mix; the three-way modes only add to it
+    assert rec["best_us"] <= rec["pairs_best_us"] * (1 + 1e-9)
+    assert rec["pairs_best_us"] <= (rec["c_us"] + rec["m_us"] + rec["n_us"]) * (1 + 1e-9)
+    ceil = network_ceiling(rec["c_us"], rec["m_us"], rec["n_us"], rec["other_us"], rec["seq_us"],
+                           [PairRate(**p) for p in rec["pairs"]],
+                           [UnitRate(**a) for a in rec["alone_partition"]], top)
+    assert ceil.mix.time_us == pytest.approx(rec["best_us"])
+    # the sequential triple runs about as fast as its units alone, so every ceiling is about >= 1
+    assert rec["ceiling_units"] >= 0.9
+    assert rec["ceiling_layer_other_free"] >= rec["ceiling_layer_other_serial"] >= 0.9

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -130,7 +131,32 @@ def test_op_points_per_model() -> None:
     assert "attn_prefill" not in comp  # GEMMs only: the ops that run long beside decode attention
 
 
+def test_full_grid_times_expert_gemms_every_64_tokens() -> None:
+    g = full_grid()
+    moe = op_points(resolve_model("mixtral"), 1, g)
+    for op in ("expert_gate_up", "expert_down"):
+        tokens = [t for o, t, _ in moe if o == op]
+        # every 64-token nano-batch size up to the default dense batch is a measured point
+        assert set(range(64, 2049, 64)) <= set(tokens) and tokens[-1] == g.tokens[-1]
+    # the other ops keep the common grid (router and expert_silu_mul change speed smoothly)
+    for op in ("router", "expert_silu_mul", "qkv_proj"):
+        assert [t for o, t, _ in moe if o == op] == list(g.tokens)
+    quick = quick_grid()
+    assert [t for o, t, _ in op_points(resolve_model("mixtral"), 1, quick) if o == "expert_down"] == list(
+        quick.tokens)
+    # the dense model's points are unchanged by the expert grid
+    assert grid_point_count(resolve_model("llama3-8b"), 1, g) == grid_point_count(
+        resolve_model("llama3-8b"), 1, replace(g, expert_tokens=()))
+
+
 def test_grid_validates() -> None:
+    kw = dict(sms=(8, 132), tokens=(64, 128), decode_requests=(64,), decode_contexts=(32,),
+              prefill_tokens=(64,), prefill_contexts=(32,), splits=(8,), interference_tokens=64,
+              interference_decode=(64, 64), repeats=3)
+    for bad in ((64, 256), (128, 64), (64, 64), (0, 64)):
+        with pytest.raises(NfsearchError, match="expert_tokens"):
+            ProfileGrid(**kw, expert_tokens=bad)
+    assert ProfileGrid(**kw, expert_tokens=(64, 96, 128)).expert_tokens == (64, 96, 128)
     with pytest.raises(NfsearchError, match="ascending"):
         ProfileGrid(sms=(16, 8, 132), tokens=(64,), decode_requests=(64,), decode_contexts=(32,),
                     prefill_tokens=(64,), prefill_contexts=(32,), splits=(8,), interference_tokens=64,
