@@ -13,9 +13,7 @@ one unit of each is the linear program
 
 That optimum bounds every schedule built from these kernels from below: it ignores the dependencies
 between the ops (which only constrain a schedule further) and the cost of cutting the batch into
-nano-batches (smaller GEMMs run less efficiently). With two constraints an optimal basic solution
-uses at most two modes, so `best_mix` enumerates single modes and pairs of modes with both
-constraints tight.
+nano-batches (smaller GEMMs run less efficiently). `best_mix` solves it with `solve_mix` below.
 
 Tensor parallelism adds a third resource, the network: the layer's all-reduces (`attn_allreduce`,
 `mlp_allreduce`, N us alone on all SMs' communicator). `solve_mix` solves the same program over any
@@ -80,26 +78,12 @@ class Mix:
 
 
 def best_mix(c_us: float, m_us: float, splits: list[SplitRate] | tuple[SplitRate, ...]) -> Mix:
-    """Optimum of the linear program in the module docstring. Modes: compute alone (rates 1/C, 0),
-    memory alone (0, 1/M) and every split (1/tc, 1/tm)."""
+    """Optimum of the linear program in the module docstring (`solve_mix` over two units). Modes:
+    compute alone (rates 1/C, 0), memory alone (0, 1/M) and every split (1/tc, 1/tm)."""
     _positive("c_us", c_us)
     _positive("m_us", m_us)
-    modes = [("compute alone", 1.0 / c_us, 0.0), ("memory alone", 0.0, 1.0 / m_us)]
-    modes += [(s.name, 1.0 / s.tc_us, 1.0 / s.tm_us) for s in splits]
-    best = Mix(c_us + m_us, (("compute alone", c_us), ("memory alone", m_us)))
-    for name, rc, rm in modes:  # one mode doing both units
-        if rc > 0 and rm > 0:
-            t = max(1.0 / rc, 1.0 / rm)
-            if t < best.time_us:
-                best = Mix(t, ((name, t),))
-    for (n1, c1, m1), (n2, c2, m2) in itertools.combinations(modes, 2):  # two modes, both tight
-        det = c1 * m2 - c2 * m1
-        if abs(det) <= 1e-12 * max(c1 * m2, c2 * m1):
-            continue
-        y1, y2 = (m2 - c2) / det, (c1 - m1) / det  # y1 (c1, m1) + y2 (c2, m2) = (1, 1)
-        if y1 >= 0 and y2 >= 0 and y1 + y2 < best.time_us:
-            best = Mix(y1 + y2, tuple((n, y) for n, y in ((n1, y1), (n2, y2)) if y > 0))
-    return best
+    return solve_mix([Mode("compute alone", (("compute", c_us),)), Mode("memory alone", (("memory", m_us),)),
+                      *(Mode(s.name, (("compute", s.tc_us), ("memory", s.tm_us))) for s in splits)])
 
 
 @dataclass(frozen=True)

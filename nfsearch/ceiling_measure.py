@@ -94,6 +94,16 @@ def tp_units(schedule: Schedule) -> tuple[Unit, Unit, Unit, Unit]:
     return u["compute"], u["memory"], u["network"], u["other"]
 
 
+def unit_launcher(timer: Any, schedule: Schedule, ops: Unit) -> Callable[[int], None]:
+    """fn(i) issuing launch i of every op of `ops` through the profiler's `GpuTimer`. A launcher
+    binds its op's batch and ops run on the batch bound when captured: the prefill-class ops are
+    bound last (the GEMMs read only hidden rows, valid in any batch)."""
+    token_class = {o.name: o.token_class for o in schedule.layer}
+    fns = {op: timer._launcher(op, t, ctx)
+           for op, t, ctx in sorted(ops, key=lambda x: token_class[x[0]] == "prefill")}
+    return lambda i: [fns[op](i) for op, *_ in ops]
+
+
 def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The record: units, every split's co-run and the ceilings (see the module docstring)."""
     schedule = load_schedule(cfg.schedule)
@@ -106,7 +116,6 @@ def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str,
     from nfsearch.profiler.grid import full_grid
     from nfsearch.profiler.measure import GpuTimer
 
-    token_class = {o.name: o.token_class for o in schedule.layer}
     timer = GpuTimer(schedule.metadata.model_config, 1,
                      full_grid(torch.cuda.get_device_properties(0).multi_processor_count))
     sec = cfg.seconds
@@ -115,11 +124,7 @@ def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str,
     log(f"compute unit {compute}\nmemory unit {memory}\nother {other}")
 
     def unit(ops: Unit) -> Callable[[int], None]:
-        # A launcher binds its op's batch and ops run on the batch bound when captured: the
-        # prefill-class ops are bound last (the GEMMs read only hidden rows, valid in any batch).
-        fns = {op: timer._launcher(op, t, ctx)
-               for op, t, ctx in sorted(ops, key=lambda x: token_class[x[0]] == "prefill")}
-        return lambda i: [fns[op](i) for op, *_ in ops]
+        return unit_launcher(timer, schedule, ops)
 
     full = torch.cuda.Stream()
     gc, nc = looped(timer, full, unit(compute))

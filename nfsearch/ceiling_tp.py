@@ -35,7 +35,7 @@ from typing import Any
 from nfrt.schedule import Schedule
 
 from nfsearch.ceiling import PairRate, UnitRate, network_ceiling
-from nfsearch.ceiling_measure import CeilingConfig, Unit, tp_units
+from nfsearch.ceiling_measure import CeilingConfig, Unit, tp_units, unit_launcher
 
 
 def measure_tp(cfg: CeilingConfig, schedule: Schedule, group: Any,
@@ -57,21 +57,14 @@ def measure_tp(cfg: CeilingConfig, schedule: Schedule, group: Any,
     timer = GpuTimer(meta.model_config, meta.tp,
                      full_grid(torch.cuda.get_device_properties(dev).multi_processor_count), group=group)
     agree, sec = timer.agree, cfg.seconds
-    token_class = {o.name: o.token_class for o in schedule.layer}
     ops_of = {"compute": compute, "memory": memory, "network": network}
     say(f"{meta.tp} x {torch.cuda.get_device_name(dev)}; {meta.model} tp {meta.tp} {meta.workload}: "
         f"{meta.batch}")
     say(f"compute unit {compute}\nmemory unit {memory}\nnetwork unit {network}\nother {other}")
 
-    def unit(ops: Unit) -> Callable[[int], None]:
-        # as at tp 1: a launcher binds its op's batch; the prefill-class ops are bound last
-        fns = {op: timer._launcher(op, t, ctx)
-               for op, t, ctx in sorted(ops, key=lambda x: token_class[x[0]] == "prefill")}
-        return lambda i: [fns[op](i) for op, *_ in ops]
-
     def alone(ops: Unit, stream: torch.cuda.Stream, seconds: float):
         """(graph, launches per replay, us per replay alone) of `ops` looped on `stream`."""
-        g, n = looped(timer, stream, unit(ops))
+        g, n = looped(timer, stream, unit_launcher(timer, schedule, ops))
         return g, n, solo_us(g, stream, seconds, agree)
 
     full = torch.cuda.Stream(dev)

@@ -76,7 +76,6 @@ def point(timer: GpuTimer, prof, op: str, tokens: int, ctx: int, sms: int, ms: f
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", type=float, default=300.0)
-    ap.add_argument("--moe-sweep", action="store_true", default=True)
     args = ap.parse_args()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     gpu = "h200" if "H200" in torch.cuda.get_device_name(0) else "h100-sxm"
@@ -99,7 +98,7 @@ def main() -> None:
         print(f"== {model}: op tokens ctx sms | profile | burst @MHz | sustained per window @MHz")
         for op, t, c, s in pts:
             print(point(timer, prof, op, t, c, s, args.ms), flush=True)
-        if cfg.is_moe and args.moe_sweep:
+        if cfg.is_moe:
             print(f"== {model} MoE sweep on {num_sms} SMs")
             for t in range(896, 2049, 64):
                 for op in ("expert_gate_up", "expert_down"):
