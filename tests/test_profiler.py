@@ -131,22 +131,25 @@ def test_op_points_per_model() -> None:
     assert "attn_prefill" not in comp  # GEMMs only: the ops that run long beside decode attention
 
 
-def test_full_grid_times_expert_gemms_every_64_tokens() -> None:
+def test_full_grid_times_gemms_every_64_tokens() -> None:
     g = full_grid()
-    moe = op_points(resolve_model("mixtral"), 1, g)
-    for op in ("expert_gate_up", "expert_down"):
-        tokens = [t for o, t, _ in moe if o == op]
-        # every 64-token nano-batch size up to the default dense batch is a measured point
-        assert set(range(64, 2049, 64)) <= set(tokens) and tokens[-1] == g.tokens[-1]
-    # the other ops keep the common grid (router and expert_silu_mul change speed smoothly)
-    for op in ("router", "expert_silu_mul", "qkv_proj"):
-        assert [t for o, t, _ in moe if o == op] == list(g.tokens)
+    for model, gemms in (("mixtral", ("qkv_proj", "o_proj", "expert_gate_up", "expert_down")),
+                         ("llama3-8b", ("qkv_proj", "o_proj", "gate_up", "down"))):
+        points = op_points(resolve_model(model), 1, g)
+        for op in gemms:
+            tokens = [t for o, t, _ in points if o == op]
+            # every 64-token nano-batch size up to the default dense batch is a measured point
+            assert set(range(64, 2049, 64)) <= set(tokens) and tokens[-1] == g.tokens[-1], op
+        # the other ops keep the common grid (they change speed smoothly)
+        for op in ("router", "expert_silu_mul", "silu_mul", "input_norm", "lm_head"):
+            if any(o == op for o, _, _ in points):
+                assert [t for o, t, _ in points if o == op] == list(g.tokens), op
     quick = quick_grid()
     assert [t for o, t, _ in op_points(resolve_model("mixtral"), 1, quick) if o == "expert_down"] == list(
         quick.tokens)
-    # the dense model's points are unchanged by the expert grid
-    assert grid_point_count(resolve_model("llama3-8b"), 1, g) == grid_point_count(
-        resolve_model("llama3-8b"), 1, replace(g, expert_tokens=()))
+    # without the fine GEMM grid every op is on the common grid
+    dense = op_points(resolve_model("llama3-8b"), 1, replace(g, gemm_tokens=()))
+    assert {t for o, t, _ in dense if o == "gate_up"} == set(g.tokens)
 
 
 def test_grid_validates() -> None:
@@ -154,9 +157,9 @@ def test_grid_validates() -> None:
               prefill_tokens=(64,), prefill_contexts=(32,), splits=(8,), interference_tokens=64,
               interference_decode=(64, 64), repeats=3)
     for bad in ((64, 256), (128, 64), (64, 64), (0, 64)):
-        with pytest.raises(NfsearchError, match="expert_tokens"):
-            ProfileGrid(**kw, expert_tokens=bad)
-    assert ProfileGrid(**kw, expert_tokens=(64, 96, 128)).expert_tokens == (64, 96, 128)
+        with pytest.raises(NfsearchError, match="gemm_tokens"):
+            ProfileGrid(**kw, gemm_tokens=bad)
+    assert ProfileGrid(**kw, gemm_tokens=(64, 96, 128)).gemm_tokens == (64, 96, 128)
     for heat, reheat in ((10.0, 0.0), (10.0, 20.0), (-1.0, 0.0), (0.0, 5.0)):
         with pytest.raises(NfsearchError, match="reheat_ms"):
             ProfileGrid(**kw, heat_ms=heat, reheat_ms=reheat)

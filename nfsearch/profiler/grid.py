@@ -41,17 +41,20 @@ QUICK_SPLITS = (32, 48, 64)
 
 # Every 64 tokens up to 256 (GEMM tile steps matter most there), then about 1.5x apart.
 FULL_TOKENS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
-# The MoE expert GEMMs (torch._grouped_mm) change speed in steps far from the dense GEMMs' tile
-# steps: on an H200, mixtral's expert_gate_up takes 905 us at 960 tokens, 1428 at 1024, about the
-# same up to 1600, and 1930 at 2048 (benchmarks/probes/sustained_points.py, RESULTS.md, session 8),
-# so a straight line between 1024 and 1536 charged 1216 tokens 1315 us where they take 1563. They
-# get a point every 64 tokens up to 2048, every 256 above.
-EXPERT_OPS = ("expert_gate_up", "expert_down")
-FULL_EXPERT_TOKENS = (*range(64, 2048, 64), *range(2048, 4097, 256))
+# The GEMMs change speed in steps, at the token counts where another row of output tiles starts
+# another wave over the SMs. MoE expert GEMMs (torch._grouped_mm) on an H200: mixtral's
+# expert_gate_up takes 905 us at 960 tokens, 1428 at 1024, about the same up to 1600, and 1930 at
+# 2048 (benchmarks/probes/sustained_points.py, RESULTS.md, session 8), so a straight line between
+# 1024 and 1536 charged 1216 tokens 1315 us where they take 1563. Dense GEMMs likewise: llama3-70b
+# TP 4's gate_up of 1088 tokens on 120 SMs ran 406 us in the pipeline where the line between 1024
+# and 1536 said 336 (RESULTS.md, 19:1x). The search sizes nano-batches in 64-token granules, so
+# every GEMM gets a point every 64 tokens up to 2048, every 256 above.
+GEMM_OPS = ("qkv_proj", "o_proj", "gate_up", "down", "expert_gate_up", "expert_down")
+FULL_GEMM_TOKENS = (*range(64, 2048, 64), *range(2048, 4097, 256))
 # The heater (nfsearch.profiler.heat): a GEMM loop from idle holds boost ~50 ms and settles by
 # ~100 ms (session 8), hence the full heat; the short one holds the state across a point's capture.
 HEAT_MS = 150.0
-REHEAT_MS = 20.0
+REHEAT_MS = 10.0
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,8 @@ class ProfileGrid:
     interference_tokens: int  # tokens of the compute ops (prefill: prompts of this length too)
     interference_decode: tuple[int, int]  # (requests, context) of attn_decode while co-running
     repeats: int  # timed graph replays per point (median)
-    # token counts of EXPERT_OPS (empty: `tokens`), within tokens' range
-    expert_tokens: tuple[int, ...] = ()
+    # token counts of GEMM_OPS (empty: `tokens`), within tokens' range
+    gemm_tokens: tuple[int, ...] = ()
     # SMs two side-by-side partitions share, as the engine places them (nfrt.partition.make_layout:
     # compute [0, c), memory [placed - m, placed)); 120 of 132 on an H200
     placed_sms: int = 0
@@ -86,11 +89,11 @@ class ProfileGrid:
             if not v or any(not isinstance(x, int) or x <= 0 for x in v) or list(v) != sorted(set(v)):
                 raise NfsearchError(f"profile grid: {name} must be ascending distinct positive integers, "
                                     f"got {v!r}")
-        if self.expert_tokens:
-            e = self.expert_tokens
+        if self.gemm_tokens:
+            e = self.gemm_tokens
             if (any(not isinstance(x, int) or x <= 0 for x in e) or list(e) != sorted(set(e))
                     or e[-1] > self.tokens[-1]):
-                raise NfsearchError(f"profile grid: expert_tokens must be ascending distinct positive "
+                raise NfsearchError(f"profile grid: gemm_tokens must be ascending distinct positive "
                                     f"integers up to tokens' last {self.tokens[-1]}, got {e!r}")
         if self.repeats < 1 or self.interference_tokens < 1 or min(self.interference_decode) < 1:
             raise NfsearchError("profile grid: repeats, interference_tokens and interference_decode must "
@@ -140,7 +143,7 @@ def full_grid(num_sms: int = 132, granularity: int = 8, min_sms: int = 8,
         prefill_contexts=(32, 128, 256, 512, 1024, 2048, 4096),
         splits=_splits(FULL_SPLITS, sms, placed),
         interference_tokens=1024, interference_decode=(512, 1024), repeats=7,
-        expert_tokens=FULL_EXPERT_TOKENS, placed_sms=placed, corun_s=0.4, heat_ms=HEAT_MS,
+        gemm_tokens=FULL_GEMM_TOKENS, placed_sms=placed, corun_s=0.4, heat_ms=HEAT_MS,
         reheat_ms=REHEAT_MS)
 
 
@@ -180,8 +183,8 @@ def op_points(model: ModelConfig, tp: int, grid: ProfileGrid) -> list[Point]:
             points += [(op, t, c) for c in grid.decode_contexts for t in grid.decode_requests]
         elif op == "attn_prefill":
             points += [(op, t, c) for c in grid.prefill_contexts for t in grid.prefill_tokens]
-        elif op in EXPERT_OPS and grid.expert_tokens:
-            points += [(op, t, 0) for t in grid.expert_tokens]
+        elif op in GEMM_OPS and grid.gemm_tokens:
+            points += [(op, t, 0) for t in grid.gemm_tokens]
         else:
             points += [(op, t, 0) for t in grid.tokens]
     return points
