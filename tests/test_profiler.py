@@ -160,11 +160,6 @@ def test_grid_validates() -> None:
         with pytest.raises(NfsearchError, match="gemm_tokens"):
             ProfileGrid(**kw, gemm_tokens=bad)
     assert ProfileGrid(**kw, gemm_tokens=(64, 96, 128)).gemm_tokens == (64, 96, 128)
-    for heat, reheat in ((10.0, 0.0), (10.0, 20.0), (-1.0, 0.0), (0.0, 5.0)):
-        with pytest.raises(NfsearchError, match="reheat_ms"):
-            ProfileGrid(**kw, heat_ms=heat, reheat_ms=reheat)
-    assert ProfileGrid(**kw, heat_ms=150.0, reheat_ms=20.0).to_dict()["heat_ms"] == 150.0
-    assert full_grid().heat_ms > full_grid().reheat_ms > 0  # the shipped grids heat
     with pytest.raises(NfsearchError, match="ascending"):
         ProfileGrid(sms=(16, 8, 132), tokens=(64,), decode_requests=(64,), decode_contexts=(32,),
                     prefill_tokens=(64,), prefill_contexts=(32,), splits=(8,), interference_tokens=64,

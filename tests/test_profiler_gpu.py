@@ -23,7 +23,7 @@ def _tiny_grid() -> ProfileGrid:
     return ProfileGrid(sms=(small, 2 * small, total), tokens=(64, 256), decode_requests=(64, 128),
                        decode_contexts=(32, 256), prefill_tokens=(64, 128), prefill_contexts=(32, 128),
                        splits=(2 * small,), interference_tokens=128, interference_decode=(64, 256), repeats=3,
-                       placed_sms=4 * small, corun_s=0.05, heat_ms=20.0, reheat_ms=2.0)
+                       placed_sms=4 * small, corun_s=0.05)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])
@@ -73,35 +73,6 @@ def test_clock_probe_reads_the_sm_clock() -> None:
         nvml_mhz = None
     if nvml_mhz:
         assert 0.85 < readings[-1] / nvml_mhz < 1.15, (readings, nvml_mhz)
-
-
-def test_heater_holds_the_layer_loops_clock_through_a_point() -> None:
-    """A point timed after the heater runs at the clock the heater's layer loop settled at (the
-    clock read right after the point's replays, within 5%), even a GEMM on 64 SMs, which alone
-    stays at its own clock; and the heater is the model's layer without collectives."""
-    from nfsearch.profiler.grid import full_grid
-    from nfsearch.profiler.measure import GpuTimer
-
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    model = resolve_model("llama3-8b")
-    timer = GpuTimer(model, 1, full_grid(num_sms), kv_pool_bytes=256 << 20)
-    assert [op for op, _, _ in timer.heater.ops()][:3] == ["input_norm", "qkv_proj", "rope"]
-    assert len(timer.heater.ops()) == len(profiled_ops(model, 1)) - 2  # no final_norm, lm_head
-    sms = 64
-    from nfrt.partition import make_partitions
-
-    parts = make_partitions([sms])
-    try:
-        timer._series = None
-        us, mhz = timer._time_point(parts[0].stream, "gate_up", 1024, 0, sms)
-        heated = timer.heater.mhz
-        us2, mhz2 = timer._time_point(parts[0].stream, "gate_up", 512, 0, sms)  # a reheat only
-    finally:
-        torch.cuda.synchronize()
-        parts.close()
-    assert 300 < heated < 3000 and us > 0 and us2 > 0
-    assert abs(mhz / heated - 1) < 0.05, (mhz, heated)
-    assert abs(mhz2 / heated - 1) < 0.05, (mhz2, heated)
 
 
 def test_timer_refuses_tp_without_a_group() -> None:

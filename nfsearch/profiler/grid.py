@@ -51,10 +51,6 @@ FULL_TOKENS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 # every GEMM gets a point every 64 tokens up to 2048, every 256 above.
 GEMM_OPS = ("qkv_proj", "o_proj", "gate_up", "down", "expert_gate_up", "expert_down")
 FULL_GEMM_TOKENS = (*range(64, 2048, 64), *range(2048, 4097, 256))
-# The heater (nfsearch.profiler.heat): a GEMM loop from idle holds boost ~50 ms and settles by
-# ~100 ms (session 8), hence the full heat; the short one holds the state across a point's capture.
-HEAT_MS = 150.0
-REHEAT_MS = 10.0
 
 
 @dataclass(frozen=True)
@@ -77,10 +73,6 @@ class ProfileGrid:
     # compute [0, c), memory [placed - m, placed)); 120 of 132 on an H200
     placed_sms: int = 0
     corun_s: float = 0.4  # seconds each interference co-run is sustained (power-capped steady state)
-    # the heater before each point (nfsearch.profiler.heat): ms of one layer loop before the first
-    # point of each partition size, and before every other point; 0: points in a burst, no heater
-    heat_ms: float = 0.0
-    reheat_ms: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("sms", "tokens", "decode_requests", "decode_contexts", "prefill_tokens",
@@ -108,9 +100,6 @@ class ProfileGrid:
                                 f"{self.placed_sms} placed SMs")
         if not self.corun_s > 0:
             raise NfsearchError(f"profile grid: corun_s must be positive, got {self.corun_s!r}")
-        if not (0 <= self.reheat_ms <= self.heat_ms) or (self.heat_ms > 0 and self.reheat_ms <= 0):
-            raise NfsearchError(f"profile grid: need 0 < reheat_ms <= heat_ms, or both 0 (no heater); got "
-                                f"heat_ms={self.heat_ms!r}, reheat_ms={self.reheat_ms!r}")
 
     @property
     def num_sms(self) -> int:
@@ -143,8 +132,7 @@ def full_grid(num_sms: int = 132, granularity: int = 8, min_sms: int = 8,
         prefill_contexts=(32, 128, 256, 512, 1024, 2048, 4096),
         splits=_splits(FULL_SPLITS, sms, placed),
         interference_tokens=1024, interference_decode=(512, 1024), repeats=7,
-        gemm_tokens=FULL_GEMM_TOKENS, placed_sms=placed, corun_s=0.4, heat_ms=HEAT_MS,
-        reheat_ms=REHEAT_MS)
+        gemm_tokens=FULL_GEMM_TOKENS, placed_sms=placed, corun_s=0.4)
 
 
 def quick_grid(num_sms: int = 132, granularity: int = 8, min_sms: int = 8,
@@ -163,8 +151,7 @@ def quick_grid(num_sms: int = 132, granularity: int = 8, min_sms: int = 8,
         prefill_tokens=(64, 256, 1024, 2048, 4096),
         prefill_contexts=(32, 256, 1024, 4096),
         splits=_splits(QUICK_SPLITS, every, placed),
-        interference_tokens=1024, interference_decode=(512, 1024), repeats=5, placed_sms=placed, corun_s=0.2,
-        heat_ms=HEAT_MS, reheat_ms=REHEAT_MS / 2)
+        interference_tokens=1024, interference_decode=(512, 1024), repeats=5, placed_sms=placed, corun_s=0.2)
 
 
 def profiled_ops(model: ModelConfig, tp: int = 1) -> tuple[str, ...]:

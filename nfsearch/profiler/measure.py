@@ -43,7 +43,6 @@ from nfsearch.bench_measure import allreduce_busbw_gbps, ceilings, driver_versio
 from nfsearch.errors import NfsearchError
 from nfsearch.profiler.clock import ClockProbe
 from nfsearch.profiler.grid import Point, ProfileGrid
-from nfsearch.profiler.heat import Heater
 from nfsearch.profiler.run import NVLINK_PROBE_MIB, CoRun, Tick
 
 MAX_LAUNCHES = 64  # launches per captured graph (short ops); long ops get fewer, at least 1
@@ -90,7 +89,6 @@ class GpuTimer:
         torch.cuda.set_device(device)
         self.dev = torch.device("cuda", device)
         self.tp, self.grid, self.target_us, self.seed = tp, grid, target_us, seed
-        self.model = model  # the full model: the heater walks its layer ops
         self.layers = min(rotate_layers, model.num_layers)
         full = replace(model, num_layers=self.layers)
         cfg = shard_config(full, tp)  # the rank's shard: per-GPU shapes
@@ -128,8 +126,6 @@ class GpuTimer:
         self._anchor = (anchor, anchor_x)
         self.props = torch.cuda.get_device_properties(self.dev)
         self.clock = ClockProbe(self.dev)
-        self.heater = Heater(self)
-        self._series: tuple[str, int] | None = None  # (op, SMs) of the last point: its heat was full
 
     # ---- tensor parallelism ---------------------------------------------------------------
     def agree(self, values: list[float]) -> list[float]:
@@ -169,9 +165,7 @@ class GpuTimer:
                 f"Model.run_op launches (N chosen for ~{self.target_us:g} us per replay, 1..{MAX_LAUNCHES}) "
                 f"rotating over {self.layers} layers' weights, after a warm-up replay; random bf16 "
                 f"weights, activations and KV pages (2 GiB pool per layer, random page tables); "
-                f"attn_prefill tokens are make_batch chunks of prompts of length `context`. "
-                + self._heat_note()
-                + "Interference: "
+                f"attn_prefill tokens are make_batch chunks of prompts of length `context`. Interference: "
                 f"each op looped in its own CUDA graph (~3 ms), both replayed concurrently for "
                 f"{self.grid.corun_s:g} s on make_layout ranges compute [0, c), memory [top - m, top) "
                 f"after a warm-up co-run (power-capped steady state); solo timed the same way, same stream. "
@@ -185,17 +179,6 @@ class GpuTimer:
                    f"0, launch and replay counts agreed between the ranks; the network co-runs place "
                    f"attn_allreduce on the top m SMs and each GEMM or decode attention on [0, c)."
                    if self.group is not None else ""))
-
-    def _heat_note(self) -> str:
-        g = self.grid
-        if g.heat_ms <= 0:
-            return "Points timed in a burst, no heater. "
-        mhz = f" ({self.heater.mhz:.0f} MHz after the first heat)" if self.heater.mhz > 0 else ""
-        return (f"Each point right after a heater (nfsearch.profiler.heat): one layer of the model "
-                f"without its collectives at the interference batch, replayed on all SMs for "
-                f"{g.heat_ms:g} ms before the first point of each partition size and {g.reheat_ms:g} ms "
-                f"before every other point, so that points run at the clock a power-capped layer loop "
-                f"holds{mhz}. ")
 
     def ceilings(self) -> dict[str, float]:
         peak_tflops, hbm_gbps = ceilings(self.dev)
@@ -286,11 +269,6 @@ class GpuTimer:
         n = self._launches(est)
         reps = self.grid.repeats if est * n < 20e3 else max(3, self.grid.repeats // 2)
         g = self._capture(stream, self._launcher(op, t, c), n)
-        # the layer loop's clock (nfsearch.profiler.heat): a full heat on each new partition size,
-        # a short one before every other point
-        full = self._series is None or self._series[1] != num_sms
-        self._series = (op, num_sms)
-        self.heater.heat(stream, self.grid.heat_ms if full else self.grid.reheat_ms)
         us = statistics.median(self._replays_us(g, stream, reps)) / n
         mhz = self.clock.mhz(stream)
         del g
