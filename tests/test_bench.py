@@ -181,6 +181,14 @@ def test_record_format_and_atomic_write(tmp_path):
     assert json.loads(path.read_text()) == rec
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
     assert "nano-batched (graph)" in bench.format_table(rec, path)
+    # a second run stamped in the same second (benches on other GPUs at once) keeps both records
+    other = dict(rec, speedup_vs_sequential=0.5)
+    second = bench.write_record(other, bench.record_path(cfg.out, other))
+    third = bench.write_record(other, bench.record_path(cfg.out, other))
+    assert second.name == "tiny-llama-h200-const-100-32-20261121T082233Z-2.json"
+    assert third.name.endswith("Z-3.json")
+    assert json.loads(path.read_text()) == rec and json.loads(second.read_text()) == other
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, second.name, third.name])
 
 
 def test_truncated_record_name_and_bound(tmp_path):
