@@ -33,8 +33,6 @@ This module imports no torch at import time: the CLI registers it on machines wi
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
 import json
 import os
 import re
@@ -44,7 +42,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from nfrt.atomic import atomic_write_text
+from nfrt.atomic import atomic_write_new_text
 from nfrt.schedule import Prediction, Schedule, load_schedule
 
 from nfsearch.errors import NfsearchError
@@ -292,26 +290,13 @@ def record_path(out_dir: str | os.PathLike[str], record: dict[str, Any]) -> Path
 
 
 def write_record(record: dict[str, Any], path: Path, what: str = "bench") -> Path:
-    """Atomic (nfrt.atomic): a crash leaves no partial record. Never over another record: runs
-    stamped in the same second (benches on different GPUs of one host at once) get <stem>-2.json,
-    -3, ...; each name is claimed with os.link, which fails on an existing name, so concurrent
-    writers cannot take the same one. Returns the path written."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+    """Atomic and never over another record (`nfrt.atomic.atomic_write_new_text`): runs stamped
+    in the same second (benches on different GPUs of one host at once) get <stem>-2.json, -3, ...
+    Returns the path written."""
     try:
-        atomic_write_text(tmp, json.dumps(record, indent=2) + "\n")
-        for i in itertools.count(1):
-            cand = path if i == 1 else path.with_name(f"{path.stem}-{i}{path.suffix}")
-            try:
-                os.link(tmp, cand)
-                return cand
-            except FileExistsError:
-                continue
+        return atomic_write_new_text(path, json.dumps(record, indent=2) + "\n")
     except OSError as e:
         raise NfsearchError(f"cannot write the {what} record {path}: {e.strerror or e}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-    raise AssertionError("unreachable")
 
 
 def format_table(rec: dict[str, Any], path: Path | None = None) -> str:

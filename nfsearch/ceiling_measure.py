@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
-import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -112,7 +112,7 @@ def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str,
     import torch
     from nfrt.partition import make_layout
 
-    from nfsearch.profiler.corun import corun_us, looped, solo_us
+    from nfsearch.profiler.corun import alternating_us, corun_us, looped, solo_us
     from nfsearch.profiler.grid import full_grid
     from nfsearch.profiler.measure import GpuTimer
 
@@ -123,8 +123,7 @@ def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str,
         f"{schedule.metadata.batch}")
     log(f"compute unit {compute}\nmemory unit {memory}\nother {other}")
 
-    def unit(ops: Unit) -> Callable[[int], None]:
-        return unit_launcher(timer, schedule, ops)
+    unit = functools.partial(unit_launcher, timer, schedule)
 
     full = torch.cuda.Stream()
     gc, nc = looped(timer, full, unit(compute))
@@ -135,16 +134,8 @@ def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str,
         go, no = looped(timer, full, unit(other))
         o_us = solo_us(go, full, sec) / no
         del go
-    k = max(8, int(sec * 1e6 / (nc * c_us + nm * m_us)))  # the sequential pair: C then M, alternating
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(k + 1)]
-    ev[0].record(full)
-    with torch.cuda.stream(full):
-        for i in range(k):
-            gc.replay()
-            gm.replay()
-            ev[i + 1].record(full)
-    full.synchronize()
-    pair_us = statistics.median(ev[i].elapsed_time(ev[i + 1]) * 1e3 for i in range(k // 4, k))
+    # the sequential pair: C then M, alternating
+    pair_us = alternating_us([(gc, nc * c_us), (gm, nm * m_us)], full, sec)
     seq_us = pair_us * (c_us + m_us) / (nc * c_us + nm * m_us)  # per C + M, in the pair's proportions
     del gc, gm
     log(f"alone on all SMs (sustained): C {c_us:.1f} us, M {m_us:.1f} us, other {o_us:.1f} us; "

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
-import statistics
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -45,7 +44,7 @@ def measure_tp(cfg: CeilingConfig, schedule: Schedule, group: Any,
     from nfrt.partition import make_layout
     from nfrt.tp import MAX_NCCL_CTAS
 
-    from nfsearch.profiler.corun import corun_us, looped, solo_us
+    from nfsearch.profiler.corun import alternating_us, corun_us, looped, solo_us
     from nfsearch.profiler.grid import full_grid
     from nfsearch.profiler.measure import GpuTimer
 
@@ -79,17 +78,7 @@ def measure_tp(cfg: CeilingConfig, schedule: Schedule, group: Any,
         o_us = o_rep / no
         del go
     # the sequential triple: C, M, N alternating on one stream (N synchronises the ranks: agreed count)
-    k = int(agree([max(8, int(sec * 1e6 / (c_rep + m_rep + n_rep)))])[0])
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(k + 1)]
-    ev[0].record(full)
-    with torch.cuda.stream(full):
-        for i in range(k):
-            gc_.replay()
-            gm.replay()
-            gn.replay()
-            ev[i + 1].record(full)
-    full.synchronize()
-    triple_us = statistics.median(ev[i].elapsed_time(ev[i + 1]) * 1e3 for i in range(k // 4, k))
+    triple_us = alternating_us([(gc_, c_rep), (gm, m_rep), (gn, n_rep)], full, sec, agree)
     seq_us = triple_us * (c_us + m_us + n_us) / (c_rep + m_rep + n_rep)  # per C + M + N
     del gc_, gm, gn
     torch.cuda.synchronize(dev)

@@ -86,6 +86,23 @@ def solo_us(g: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, seconds: float,
     return statistics.median(d[k // 4:])
 
 
+def alternating_us(graphs: list[tuple[torch.cuda.CUDAGraph, float]], stream: torch.cuda.Stream,
+                   seconds: float, agree: Agree = _same) -> float:
+    """Median time (us) of one round of `graphs` (graph, us per replay alone) replayed one after the
+    other on `stream`, rounds back to back for about `seconds`, first quarter dropped: the
+    sequential schedule's way of running them. The round count goes through `agree` (collectives)."""
+    k = int(agree([max(8, int(seconds * 1e6 / sum(us for _, us in graphs)))])[0])
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(k + 1)]
+    ev[0].record(stream)
+    with torch.cuda.stream(stream):
+        for i in range(k):
+            for g, _ in graphs:
+                g.replay()
+            ev[i + 1].record(stream)
+    stream.synchronize()
+    return statistics.median(ev[i].elapsed_time(ev[i + 1]) * 1e3 for i in range(k // 4, k))
+
+
 def corun_us(ga: torch.cuda.CUDAGraph, sa: torch.cuda.Stream, a_us: float,
              gb: torch.cuda.CUDAGraph, sb: torch.cuda.Stream, b_us: float,
              seconds: float, agree: Agree = _same) -> tuple[float, float]:

@@ -53,6 +53,11 @@ GEMM_OPS = ("qkv_proj", "o_proj", "gate_up", "down", "expert_gate_up", "expert_d
 FULL_GEMM_TOKENS = (*range(64, 2048, 64), *range(2048, 4097, 256))
 
 
+def _ascending(v: tuple[int, ...]) -> bool:
+    """Distinct positive integers in ascending order."""
+    return all(isinstance(x, int) and x > 0 for x in v) and list(v) == sorted(set(v))
+
+
 @dataclass(frozen=True)
 class ProfileGrid:
     """Every grid the profiler walks; `to_dict()` keys a partial file so --resume can check it."""
@@ -78,15 +83,13 @@ class ProfileGrid:
         for name in ("sms", "tokens", "decode_requests", "decode_contexts", "prefill_tokens",
                      "prefill_contexts", "splits"):
             v = getattr(self, name)
-            if not v or any(not isinstance(x, int) or x <= 0 for x in v) or list(v) != sorted(set(v)):
+            if not v or not _ascending(v):
                 raise NfsearchError(f"profile grid: {name} must be ascending distinct positive integers, "
                                     f"got {v!r}")
-        if self.gemm_tokens:
-            e = self.gemm_tokens
-            if (any(not isinstance(x, int) or x <= 0 for x in e) or list(e) != sorted(set(e))
-                    or e[-1] > self.tokens[-1]):
-                raise NfsearchError(f"profile grid: gemm_tokens must be ascending distinct positive "
-                                    f"integers up to tokens' last {self.tokens[-1]}, got {e!r}")
+        e = self.gemm_tokens
+        if e and (not _ascending(e) or e[-1] > self.tokens[-1]):
+            raise NfsearchError(f"profile grid: gemm_tokens must be ascending distinct positive "
+                                f"integers up to tokens' last {self.tokens[-1]}, got {e!r}")
         if self.repeats < 1 or self.interference_tokens < 1 or min(self.interference_decode) < 1:
             raise NfsearchError("profile grid: repeats, interference_tokens and interference_decode must "
                                 "be positive")

@@ -23,6 +23,8 @@ from nfsearch.search.timeline import (
 )
 
 NETWORK = "network"  # the one stream whose partition is fixed for the whole stream [S2.net]
+# intervals that touch within this do not meet (float sums of the solver's integer times)
+TOUCH_US = 1e-6
 
 
 def slowdown(problem: SearchProblem, kind: str, other: str, j: int) -> float:
@@ -247,8 +249,6 @@ def charged(problem: SearchProblem, r: StageResult, window_layers: int = 2
     start = {n: r.start_units[n] / SCALE for n in c.stream_of}
     s_net = max((sizes[n] for n, a in c.stream_of.items() if a == NETWORK), default=0)
 
-    eps = 1e-6  # touching intervals do not meet (float sums of the solver's integer times)
-
     def meets(n: str, dur: dict[str, float], backward: bool = False) -> list[str]:
         """Nano-ops of other streams that n meets (in the layers of the window) and, with
         `backward`, those ordered against it later layer first [S2.back]: all must fit beside n."""
@@ -259,8 +259,8 @@ def charged(problem: SearchProblem, r: StageResult, window_layers: int = 2
                 continue
             for d in range(-(window_layers - 1), window_layers):
                 sj, ej = start[jn] + d * t, start[jn] + dur[jn] + d * t
-                back = backward and ((d < 0 and e0 <= sj + eps) or (d > 0 and ej <= s0 + eps))
-                if (s0 < ej - eps and sj < e0 - eps) or back:
+                back = backward and ((d < 0 and e0 <= sj + TOUCH_US) or (d > 0 and ej <= s0 + TOUCH_US))
+                if (s0 < ej - TOUCH_US and sj < e0 - TOUCH_US) or back:
                     out.append(jn)
                     break
         return out
@@ -321,7 +321,7 @@ def shared_sm_edges(problem: SearchProblem, s: Structure, sizes: dict[str, int],
         for j, b in stream_of.items():
             if a != b and clash(i, j):
                 for d in (0, 1):  # j in the same layer, or in the next
-                    if start[i] + dur[i] <= start[j] + d * period + 1e-6:
+                    if start[i] + dur[i] <= start[j] + d * period + TOUCH_US:
                         edges.append((i, j, d == 1))
     return edges
 

@@ -43,3 +43,24 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_new_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Like `atomic_write_text`, but never over an existing file: if `path` is taken, the next free
+    of <stem>-2<suffix>, -3, ... Each name is claimed with `os.link`, which fails on an existing
+    name, so concurrent writers (records stamped in the same second) cannot take the same one.
+    Returns the path written."""
+    p = Path(path)
+    tmp = atomic_write_text(p.with_name(f".{p.name}.{os.getpid()}.new"), text)
+    try:
+        cand, i = p, 1
+        while True:
+            try:
+                os.link(tmp, cand)
+                return cand
+            except FileExistsError:
+                i += 1
+                cand = p.with_name(f"{p.stem}-{i}{p.suffix}")
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
