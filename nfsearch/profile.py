@@ -24,6 +24,7 @@ import pandas as pd
 from nfrt.atomic import atomic_write_bytes
 
 from nfsearch.errors import NfsearchError
+from nfsearch.profile_sustained import SUSTAINED_COLUMNS, SustainedFactors, check_sustained, empty_sustained
 
 # Validation and the table schema live in nfsearch.profile_validate; public names re-exported here.
 from nfsearch.profile_validate import CLOCK_COLUMN as CLOCK_COLUMN
@@ -131,6 +132,9 @@ class Profile:
     meta: ProfileMeta
     latency: pd.DataFrame
     interference: pd.DataFrame
+    # sustained / burst latency per (op, tokens, SMs) (nfsearch.profile_sustained); empty: none
+    sustained: pd.DataFrame = field(default_factory=empty_sustained)
+    _factors: SustainedFactors = field(init=False, repr=False)
     _grids: dict[str, _OpGrid] = field(init=False, repr=False)
     _slow: dict[tuple[str, str], tuple[list[int], list[float]]] = field(init=False, repr=False)
     _sm_grid: tuple[int, ...] = field(init=False, repr=False)
@@ -152,6 +156,9 @@ class Profile:
         for (k, o), g in inter.groupby(["kind", "other_kind"], sort=True):
             slow[(str(k), str(o))] = ([int(s) for s in g["num_sms"]], [float(x) for x in g["slowdown"]])
         object.__setattr__(self, "_slow", slow)
+        sus = check_sustained(self.sustained, self.meta.num_sms, tuple(sorted(self._grids)))
+        object.__setattr__(self, "sustained", sus)
+        object.__setattr__(self, "_factors", SustainedFactors(sus))
 
     # -- lookups -------------------------------------------------------------------------------
 
@@ -173,11 +180,23 @@ class Profile:
         """Whether every latency point carries the SM clock it was measured at."""
         return CLOCK_COLUMN in self.latency.columns
 
+    @property
+    def has_sustained(self) -> bool:
+        """Whether the profile carries a sustained-clock table (latencies are charged with it)."""
+        return bool(self._factors)
+
+    def sustained_factor(self, op: str, tokens: float, num_sms: float) -> float:
+        """Sustained / burst latency of `op` (1.0 for an op the sustained table lacks)."""
+        return self._factors.factor(op, tokens, num_sms)
+
     def latency_us(self, op: str, tokens: float, context: float, num_sms: float,
-                   clock_mhz: float | None = None) -> float:
+                   clock_mhz: float | None = None, sustained: bool = True) -> float:
         """Solo latency, interpolated linearly in tokens, context and num_sms between grid points.
 
-        0.0 for tokens == 0. `context` is ignored for ops profiled at context 0 only. With
+        0.0 for tokens == 0. `context` is ignored for ops profiled at context 0 only. The latency
+        is the one at the power-limited steady state a replayed schedule runs in: the burst point
+        times the sustained table's factor (`sustained=False`: the burst point as measured; a
+        profile without the table: always the burst point). With
         `clock_mhz` (and a profile with clocks), the latency at that SM clock: the points' cycles
         (latency x their clock) are interpolated and divided by it, the rule for ops whose time
         scales with the clock (docs/profile-format.md, "Clocks"). Without clocks in the profile,
@@ -204,7 +223,9 @@ class Profile:
                 for s, ws in ((si[0], 1.0 - si[2]), (si[1], si[2])):
                     if ws:
                         total += wc * wt * ws * float(table[c, t, s])
-        return total if table is g.lat else total / float(clock_mhz)
+        if table is not g.lat:
+            return total / float(clock_mhz)
+        return total * self._factors.factor(op, tokens, num_sms) if sustained else total
 
     def slowdown(self, kind: str, other_kind: str, num_sms: float) -> float:
         """Slowdown (>= 1) of `kind` on `num_sms` SMs beside `other_kind`; 1.0 for an absent pair."""
@@ -239,6 +260,10 @@ class Profile:
                 "interference": {"columns": list(INTERFERENCE_COLUMNS), "data": [
                     [str(k), str(o), int(s), float(x)] for k, o, s, x in
                     self.interference.itertuples(index=False, name=None)]},
+                # only when present, so a profile without one keeps its bytes and hash
+                **({"sustained": {"columns": list(SUSTAINED_COLUMNS), "data": [
+                    [str(o), int(t), int(s), float(x)] for o, t, s, x in
+                    self.sustained.itertuples(index=False, name=None)]}} if self.has_sustained else {}),
             },
         }
 
@@ -259,12 +284,14 @@ class Profile:
         tables = d.get("tables")
         if not isinstance(tables, dict):
             raise ProfileError("profile: 'tables' must be a mapping with 'latency' and 'interference'")
-        unknown = sorted(set(tables) - {"latency", "interference"})
+        unknown = sorted(set(tables) - {"latency", "interference", "sustained"})
         if unknown:
-            raise ProfileError(f"tables: unknown table(s) {', '.join(unknown)}; valid: latency, interference")
+            raise ProfileError(f"tables: unknown table(s) {', '.join(unknown)}; valid: latency, "
+                               f"interference, sustained")
         frames = [_frame(tables, name, cols, opt) for name, cols, opt in
                   (("latency", LATENCY_COLUMNS, (CLOCK_COLUMN,)), ("interference", INTERFERENCE_COLUMNS, ()))]
-        return cls(meta, frames[0], frames[1])
+        sus = _frame(tables, "sustained", SUSTAINED_COLUMNS) if "sustained" in tables else empty_sustained()
+        return cls(meta, frames[0], frames[1], sus)
 
     def canonical_bytes(self) -> bytes:
         """The exact bytes `save_profile` writes."""
@@ -282,7 +309,7 @@ class Profile:
         if not isinstance(other, Profile):
             return NotImplemented
         return (self.meta == other.meta and self.latency.equals(other.latency)
-                and self.interference.equals(other.interference))
+                and self.interference.equals(other.interference) and self.sustained.equals(other.sustained))
 
     def __hash__(self) -> int:
         return hash(self.hash)
@@ -413,7 +440,7 @@ def _dump(d: dict[str, Any]) -> str:
     out += [f"    {json.dumps(k)}: {json.dumps(meta[k], allow_nan=False)}"
             + ("," if i < len(keys) - 1 else "") for i, k in enumerate(keys)]
     out += ["  },", '  "tables": {']
-    names = ("latency", "interference")
+    names = tuple(n for n in ("latency", "interference", "sustained") if n in d["tables"])
     for n, name in enumerate(names):
         t = d["tables"][name]
         out += [f'    "{name}": {{', f'      "columns": {json.dumps(t["columns"])},', '      "data": [']

@@ -41,10 +41,12 @@ class FakeTimer:
         self.scale.update({op: rng.uniform(0.5, 2.0) for op in profiled_ops(resolve_model("llama3-8b"), 2)})
         self.slow = rng.uniform(1.02, 1.3)
         self.net_slow = rng.uniform(1.02, 1.3)  # a network op on top (and its partners) slow this much
+        self.sus = rng.uniform(0.05, 0.2)  # sustained / burst = 1 + sus above 64 SMs, growing to all SMs
         self.nvlink_gbps: float | None = None  # the ceilings measure NVLink when set (a TP run)
         self.crash_after = crash_after
         self.solo_calls: list[int] = []
         self.corun_calls: list[int] = []
+        self.sustained_calls: list[int] = []
         self.ceiling_calls = 0
 
     def stamp(self):
@@ -67,6 +69,18 @@ class FakeTimer:
         self.solo_calls.append(num_sms)
         tick(len(points))
         return [self.latency(op, t, c, num_sms) for op, t, c in points]
+
+    def sustained_factor(self, s: int) -> float:
+        return 1.0 + self.sus * max(0, s - 64) / 68
+
+    def sustained(self, num_sms, points, tick):
+        calls = len(self.solo_calls) + len(self.sustained_calls)
+        if self.crash_after is not None and calls >= self.crash_after:
+            raise RuntimeError("simulated crash")
+        self.sustained_calls.append(num_sms)
+        tick(len(points))
+        f = self.sustained_factor(num_sms)
+        return [(self.latency(op, t, c, num_sms), self.latency(op, t, c, num_sms) * f) for op, t, c in points]
 
     def corun(self, top_sms, bottom_sms, bottom_ops, top_ops, tick):
         self.corun_calls.append(top_sms)
@@ -329,7 +343,7 @@ def test_tp_grid_has_network_ops_and_pairs() -> None:
         assert corun_sets(m, 1) == [(comp, mem)]
         assert corun_sets(m, tp) == [(comp, mem), (comp + mem, network_ops(m, tp))]
         assert network_ops(m, tp) == ("attn_allreduce",) and network_ops(m, 1) == ()
-        solo, co = grid_point_count(m, tp, g)
+        solo, co, _ = grid_point_count(m, tp, g)
         assert co == len(g.splits) * (len(comp) * len(mem) + len(comp) + len(mem))
         assert solo == (grid_point_count(m, 1, g)[0] + 2 * len(g.tokens) * len(g.sms))
     # the kinds the interference table is keyed by are opgraph's

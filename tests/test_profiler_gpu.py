@@ -23,7 +23,8 @@ def _tiny_grid() -> ProfileGrid:
     return ProfileGrid(sms=(small, 2 * small, total), tokens=(64, 256), decode_requests=(64, 128),
                        decode_contexts=(32, 256), prefill_tokens=(64, 128), prefill_contexts=(32, 128),
                        splits=(2 * small,), interference_tokens=128, interference_decode=(64, 256), repeats=3,
-                       placed_sms=4 * small, corun_s=0.05)
+                       placed_sms=4 * small, corun_s=0.05, sustained_sms=(2 * small, total),
+                       sustained_tokens=(128,), sustained_s=0.05)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])
@@ -50,6 +51,16 @@ def test_tiny_profile_end_to_end(tmp_path, name: str) -> None:
     f = float(prof.latency["sm_clock_mhz"].median())
     at_half = prof.latency_us("qkv_proj", 128, 0, s, clock_mhz=f / 2)
     assert at_half == pytest.approx(2 * prof.latency_us("qkv_proj", 128, 0, s, clock_mhz=f))
+    # the sustained table: every layer op on both sizes, timed between heater GEMMs: never faster
+    # than 0.75x its burst time, and a pulled-down clock slows by well under 2x
+    from nfsearch.profiler.grid import sustained_points
+    from nfsearch.profiler.sustained import add_sustained
+
+    assert prof.has_sustained
+    assert len(prof.sustained) == len(sustained_points(model, 1, grid)) * len(grid.sustained_sms)
+    assert prof.sustained["factor"].between(0.75, 2.0).all(), prof.sustained
+    again = add_sustained(prof, model, 1, grid, timer, tmp_path / "again.json", s)
+    assert again.latency.equals(prof.latency) and again.sustained["factor"].between(0.75, 2.0).all()
 
 
 def test_clock_probe_reads_the_sm_clock() -> None:

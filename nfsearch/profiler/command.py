@@ -35,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a coarse grid (about 2 minutes)")
     p.add_argument("--resume", action="store_true",
                    help="continue from <out>.partial.json, skipping what it holds")
+    p.add_argument("--add-sustained", action="store_true",
+                   help="measure only the sustained-clock table (each compute op held at the power limit) "
+                        "and write the existing profile at --out / the default path with it")
     p.add_argument("--device", type=int, default=0, help="CUDA device index (default: %(default)s)")
     p.add_argument("--plot", metavar="PNG", default=None,
                    help="draw P(R) curves per op kind of an existing profile (--profile, or the one at "
@@ -127,6 +130,20 @@ def _measure(args: argparse.Namespace, model: ModelConfig, torch: Any, group: An
     grid = (quick_grid if args.quick else full_grid)(props.multi_processor_count, gran, min_sms, placed)
     out = Path(args.out) if args.out else profiles_root() / slug / profile_filename(model.name, args.tp)
     t0 = time.perf_counter()
+    if getattr(args, "add_sustained", False):
+        from nfsearch.profile import load_profile
+        from nfsearch.profiler.sustained import add_sustained
+
+        base = load_profile(out)  # before the timer: a wrong path fails in seconds
+        timer = GpuTimer(model, args.tp, grid, device=args.device, group=group)
+        prof = add_sustained(base, model, args.tp, grid, timer, out, props.multi_processor_count,
+                             leader=leader, progress=_progress)
+        if leader:
+            f = prof.sustained["factor"]
+            print(f"wrote {out}: its {len(prof.latency)} latency rows and a sustained table of "
+                  f"{len(prof.sustained)} points (factor {f.min():.3f}..{f.max():.3f}) in "
+                  f"{time.perf_counter() - t0:.0f} s")
+        return 0
     timer = GpuTimer(model, args.tp, grid, device=args.device, group=group)
     prof = run_profile(model, args.tp, grid, timer, out, gpu_slug=slug, sm_granularity=gran,
                        nvlink_gbps=nvlink, resume=args.resume, progress=_progress,

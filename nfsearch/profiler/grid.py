@@ -51,6 +51,11 @@ FULL_TOKENS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 # every GEMM gets a point every 64 tokens up to 2048, every 256 above.
 GEMM_OPS = ("qkv_proj", "o_proj", "gate_up", "down", "expert_gate_up", "expert_down")
 FULL_GEMM_TOKENS = (*range(64, 2048, 64), *range(2048, 4097, 256))
+# The sustained-clock table (nfsearch.profile_sustained): every layer op but the collectives, each
+# timed at the power-limited clock (nfsearch.profiler.held) on a sparse tokens x SMs grid. Decode
+# attention is in it: the chip's clock is one, set by the GEMMs around it (RESULTS.md, session 10).
+FULL_SUSTAINED_SMS = (32, 64, 96, 112, 120)  # and all SMs
+FULL_SUSTAINED_TOKENS = (256, 1024, 2048)
 
 
 def _ascending(v: tuple[int, ...]) -> bool:
@@ -78,6 +83,11 @@ class ProfileGrid:
     # compute [0, c), memory [placed - m, placed)); 120 of 132 on an H200
     placed_sms: int = 0
     corun_s: float = 0.4  # seconds each interference co-run is sustained (power-capped steady state)
+    # the sustained-clock table: SM counts (a subset of sms; empty: no table), token counts, and
+    # the seconds each point is held back to back (the second half is timed)
+    sustained_sms: tuple[int, ...] = ()
+    sustained_tokens: tuple[int, ...] = ()
+    sustained_s: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("sms", "tokens", "decode_requests", "decode_contexts", "prefill_tokens",
@@ -103,6 +113,16 @@ class ProfileGrid:
                                 f"{self.placed_sms} placed SMs")
         if not self.corun_s > 0:
             raise NfsearchError(f"profile grid: corun_s must be positive, got {self.corun_s!r}")
+        ss, st = self.sustained_sms, self.sustained_tokens
+        if ss and (not _ascending(ss) or not set(ss) <= set(self.sms)):
+            raise NfsearchError(f"profile grid: sustained_sms must be ascending distinct SM counts of "
+                                f"sms {self.sms!r}, got {ss!r}")
+        if bool(ss) != bool(st) or (st and (not _ascending(st) or st[-1] > self.tokens[-1])):
+            raise NfsearchError(f"profile grid: sustained_tokens must be ascending distinct positive "
+                                f"integers up to tokens' last {self.tokens[-1]}, given exactly when "
+                                f"sustained_sms is, got {st!r}")
+        if not self.sustained_s > 0:
+            raise NfsearchError(f"profile grid: sustained_s must be positive, got {self.sustained_s!r}")
 
     @property
     def num_sms(self) -> int:
@@ -135,7 +155,9 @@ def full_grid(num_sms: int = 132, granularity: int = 8, min_sms: int = 8,
         prefill_contexts=(32, 128, 256, 512, 1024, 2048, 4096),
         splits=_splits(FULL_SPLITS, sms, placed),
         interference_tokens=1024, interference_decode=(512, 1024), repeats=7,
-        gemm_tokens=FULL_GEMM_TOKENS, placed_sms=placed, corun_s=0.4)
+        gemm_tokens=FULL_GEMM_TOKENS, placed_sms=placed, corun_s=0.4,
+        sustained_sms=_sustained_sms(FULL_SUSTAINED_SMS, sms), sustained_tokens=FULL_SUSTAINED_TOKENS,
+        sustained_s=0.3)
 
 
 def quick_grid(num_sms: int = 132, granularity: int = 8, min_sms: int = 8,
@@ -154,7 +176,14 @@ def quick_grid(num_sms: int = 132, granularity: int = 8, min_sms: int = 8,
         prefill_tokens=(64, 256, 1024, 2048, 4096),
         prefill_contexts=(32, 256, 1024, 4096),
         splits=_splits(QUICK_SPLITS, every, placed),
-        interference_tokens=1024, interference_decode=(512, 1024), repeats=5, placed_sms=placed, corun_s=0.2)
+        interference_tokens=1024, interference_decode=(512, 1024), repeats=5, placed_sms=placed, corun_s=0.2,
+        sustained_sms=_sustained_sms((64, 96), tuple(sorted(pick))), sustained_tokens=(1024,),
+        sustained_s=0.3)
+
+
+def _sustained_sms(want: tuple[int, ...], sms: tuple[int, ...]) -> tuple[int, ...]:
+    """The wanted sizes this GPU has, and all SMs."""
+    return tuple(sorted({*(s for s in want if s in sms), sms[-1]}))
 
 
 def profiled_ops(model: ModelConfig, tp: int = 1) -> tuple[str, ...]:
@@ -178,6 +207,15 @@ def op_points(model: ModelConfig, tp: int, grid: ProfileGrid) -> list[Point]:
         else:
             points += [(op, t, 0) for t in grid.tokens]
     return points
+
+
+def sustained_points(model: ModelConfig, tp: int, grid: ProfileGrid) -> list[Point]:
+    """(op, tokens, context) of the sustained-clock table on each of grid.sustained_sms: every layer
+    op but the collectives at grid.sustained_tokens; prefill attention on prompts of the token
+    count, decode attention at the interference co-runs' context."""
+    context = {"attn_prefill": None, "attn_decode": grid.interference_decode[1]}
+    return [(op.name, t, t if op.name == "attn_prefill" else context.get(op.name, 0))
+            for op in layer_ops(model, tp) if op.kind != "network" for t in grid.sustained_tokens]
 
 
 def split_pairs(grid: ProfileGrid) -> list[tuple[int, int]]:
@@ -212,7 +250,8 @@ def corun_sets(model: ModelConfig, tp: int = 1) -> list[tuple[tuple[str, ...], t
     return sets
 
 
-def grid_point_count(model: ModelConfig, tp: int, grid: ProfileGrid) -> tuple[int, int]:
-    """(solo points, interference co-runs) for the progress bar."""
+def grid_point_count(model: ModelConfig, tp: int, grid: ProfileGrid) -> tuple[int, int, int]:
+    """(solo points, interference co-runs, sustained points) for the progress bar."""
     pairs = sum(len(bottom) * len(top) for bottom, top in corun_sets(model, tp))
-    return len(op_points(model, tp, grid)) * len(grid.sms), len(grid.splits) * pairs
+    return (len(op_points(model, tp, grid)) * len(grid.sms), len(grid.splits) * pairs,
+            len(sustained_points(model, tp, grid)) * len(grid.sustained_sms))

@@ -48,6 +48,7 @@ from nfsearch.profiler.run import NVLINK_PROBE_MIB, CoRun, Tick
 MAX_LAUNCHES = 64  # launches per captured graph (short ops); long ops get fewer, at least 1
 
 
+
 class AliasAllocator:
     """A page allocator (the `nfrt.kvcache.PageAllocator` interface `BatchBuffers.prepare` uses) that
     maps each sequence's pages to random pages of a fixed pool, shared between sequences."""
@@ -102,9 +103,10 @@ class GpuTimer:
             t.normal_(0.0, 1.0)  # never time on zeros
         self.alloc = AliasAllocator(pages, seed=seed)
         inter_t = grid.interference_tokens
-        self.max_all = max(grid.tokens[-1], inter_t)
-        self.max_dec = max(grid.decode_requests[-1], grid.interference_decode[0])
-        self.max_pre = max(grid.prefill_tokens[-1], inter_t)
+        held_t = max(grid.sustained_tokens, default=0)  # the sustained table's points
+        self.max_all = max(grid.tokens[-1], inter_t, held_t)
+        self.max_dec = max(grid.decode_requests[-1], grid.interference_decode[0], held_t)
+        self.max_pre = max(grid.prefill_tokens[-1], inter_t, held_t)
         self.m = Model(cfg, self.w, max(self.max_all, self.max_dec, self.max_pre), self.kv, self.dev,
                        tp=self.group)
         for name in ("hidden", "residual", "normed", "qkv", "attn_out", "gate_up", "act", "moe_gate_up",
@@ -170,7 +172,10 @@ class GpuTimer:
                 f"{self.grid.corun_s:g} s on make_layout ranges compute [0, c), memory [top - m, top) "
                 f"after a warm-up co-run (power-capped steady state); solo timed the same way, same stream. "
                 f"sm_clock_mhz: the SM clock right after each point's timed replays, from a one-warp "
-                f"%clock64 spin timed with CUDA events (nfsearch.profiler.clock)."
+                f"%clock64 spin timed with CUDA events (nfsearch.profiler.clock). Sustained table: "
+                f"each point timed as above (burst), then looped in one graph (~3 ms) replayed back to "
+                f"back for {self.grid.sustained_s:g} s on the same partition, factor = median replay of "
+                f"the second half / burst."
                 + (" GEMMs on a partition of s SMs run through cuBLASLt with SM count target s "
                    "(nfrt.gemm_target), as in the engine." if gemm_target_enabled() else "")
                 + (f" Tensor parallel over {self.tp} GPUs: each op on the rank's shard (per-GPU shapes); "
@@ -293,9 +298,17 @@ class GpuTimer:
             gc.collect()
             torch.cuda.empty_cache()
 
+    def sustained(self, num_sms: int, points: list[Point], tick: Tick) -> list[tuple[float, float]]:
+        """(burst us, sustained us) per launch of each point on a partition of `num_sms` SMs, the
+        sustained one between heater GEMMs (`nfsearch.profiler.held`)."""
+        from nfsearch.profiler.held import held_points
+
+        return held_points(self, num_sms, points, tick)
+
     def corun(self, top_sms: int, bottom_sms: int, bottom_ops: tuple[str, ...],
               top_ops: tuple[str, ...], tick: Tick) -> list[CoRun]:
         """Sustained co-runs on complementary placed partitions (`nfsearch.profiler.corun`)."""
         from nfsearch.profiler.corun import sustained_corun
 
         return sustained_corun(self, top_sms, bottom_sms, bottom_ops, top_ops, tick)
+

@@ -43,6 +43,7 @@ from nfsearch.profiler.grid import (
     op_points,
     split_pairs,
 )
+from nfsearch.profiler.sustained import measure_sustained, sustained_table
 
 PARTIAL_FORMAT = "nfsearch-profile-partial"
 NVLINK_PROBE_MIB = 512  # the all-reduce that measures meta.nvlink_gbps under TP
@@ -65,6 +66,9 @@ class Timer(Protocol):
     def solo(self, num_sms: int, points: list[Point], tick: Tick) -> list[float] | list[tuple[float, float]]:
         """Solo latency (us) of each point on a partition of `num_sms` SMs, or (us, SM clock MHz)."""
 
+    def sustained(self, num_sms: int, points: list[Point], tick: Tick) -> list[tuple[float, float]]:
+        """(burst us, sustained us) per launch of each point on a partition of `num_sms` SMs."""
+
     def corun(self, top_sms: int, bottom_sms: int, bottom_ops: tuple[str, ...],
               top_ops: tuple[str, ...], tick: Tick) -> list[CoRun]:
         """Each bottom op on SMs [0, bottom_sms) beside each top op on the top `top_sms` placed SMs
@@ -84,7 +88,8 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def _load_state(path: Path, key: dict[str, Any], resume: bool) -> dict[str, Any]:
-    fresh = {"format": PARTIAL_FORMAT, "key": key, "ceilings": None, "solo": {}, "interference": {}}
+    fresh = {"format": PARTIAL_FORMAT, "key": key, "ceilings": None, "solo": {}, "interference": {},
+             "sustained": {}}
     if not resume or not path.is_file():
         return fresh
     try:
@@ -128,9 +133,11 @@ def run_profile(model: ModelConfig, tp: int, grid: ProfileGrid, timer: Timer, ou
         if leader:
             _write_json_atomic(ppath, state)
 
-    n_solo, n_co = grid_point_count(model, tp, grid)
-    done = len(points) * len(state["solo"]) + sum(len(v) for v in state["interference"].values())
-    bar = progress(n_solo + n_co, done) if progress and leader else None
+    n_solo, n_co, n_sus = grid_point_count(model, tp, grid)
+    state.setdefault("sustained", {})
+    done = (len(points) * len(state["solo"]) + sum(len(v) for v in state["interference"].values())
+            + sum(len(v) for v in state["sustained"].values()))
+    bar = progress(n_solo + n_co + n_sus, done) if progress and leader else None
     tick: Tick = bar.update if bar is not None else (lambda n: None)
     try:
         if state["ceilings"] is None:
@@ -155,6 +162,7 @@ def run_profile(model: ModelConfig, tp: int, grid: ProfileGrid, timer: Timer, ou
                 rows += timer.corun(top, bottom, bottom_ops, top_ops, tick)
             state["interference"][str(top)] = [list(r) for r in rows]
             checkpoint()
+        measure_sustained(model, tp, grid, timer, tick, state["sustained"], checkpoint)
     finally:
         if bar is not None:
             bar.close()
@@ -256,8 +264,10 @@ def build_profile(model: ModelConfig, tp: int, grid: ProfileGrid, state: dict[st
                    f"{NVLINK_PROBE_MIB} MiB bf16 all-reduce over the {tp} GPUs (median)")
     else:
         nv_note = "nvlink_gbps is the datasheet value (not measured)"
+    sus, sus_note = sustained_table(state.get("sustained", {}))
     notes = (f"measured by nfsearch profile ({grid_name} grid); {method} Ceilings: bf16 GEMM 8192^3 and a "
-             f"1 GiB device copy (read + write). {nv_note}. {inter_note}.")
+             f"1 GiB device copy (read + write). {nv_note}. {inter_note}."
+             + (f" | {sus_note}" if sus_note else ""))
     meta = ProfileMeta(
         source="measured", model=model.name, tp=tp, gpu=gpu_slug, gpu_name=stamp["gpu_name"],
         num_sms=int(stamp["num_sms"]), sm_granularity=sm_granularity, peak_tflops=float(ceil["peak_tflops"]),
@@ -267,4 +277,4 @@ def build_profile(model: ModelConfig, tp: int, grid: ProfileGrid, state: dict[st
         nfsearch_version=nfsearch.__version__, notes=notes)
     columns = list(LATENCY_COLUMNS) + ([CLOCK_COLUMN] if clocked else [])
     return Profile(meta, pd.DataFrame(lat_rows, columns=columns),
-                   pd.DataFrame(inter, columns=list(INTERFERENCE_COLUMNS)))
+                   pd.DataFrame(inter, columns=list(INTERFERENCE_COLUMNS)), sus)

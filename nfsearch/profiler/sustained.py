@@ -1,0 +1,98 @@
+"""The sustained-clock phase of the profiler: each compute-bound op held at the GPU's power limit.
+
+Pure Python (no torch): the timer's `sustained(num_sms, points, tick)` does the GPU work
+(`nfsearch.profiler.measure.GpuTimer.sustained`) and returns (burst us, sustained us) per point;
+this module walks the grid, turns the pairs into the profile's sustained table
+(`nfsearch.profile_sustained`), and adds such a table to an existing profile
+(`nfsearch profile --add-sustained`), which keeps every burst point it has.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import pandas as pd
+from nfrt.config import ModelConfig
+
+from nfsearch.errors import NfsearchError
+from nfsearch.profile import Profile, save_profile
+from nfsearch.profile_sustained import SUSTAINED_COLUMNS
+from nfsearch.profiler.grid import ProfileGrid, sustained_points
+
+Tick = Callable[[int], None]
+# state["sustained"][str(num_sms)] rows: [op, tokens, context, burst us, sustained us]
+NOTE_PREFIX = "sustained table: "
+
+
+def measure_sustained(model: ModelConfig, tp: int, grid: ProfileGrid, timer: Any, tick: Tick,
+                      done: dict[str, list[list[Any]]] | None = None,
+                      checkpoint: Callable[[], None] | None = None) -> dict[str, list[list[Any]]]:
+    """Rows per SM count (see above) for every point of the grid's sustained table; SM counts
+    already in `done` are kept, and `checkpoint()` runs after each new one."""
+    points = sustained_points(model, tp, grid)
+    out = done if done is not None else {}
+    for s in sorted(grid.sustained_sms, reverse=True):
+        if str(s) in out or not points:
+            continue
+        got = timer.sustained(s, points, tick)
+        if len(got) != len(points):
+            raise NfsearchError(f"timer returned {len(got)} sustained timings for {len(points)} points")
+        out[str(s)] = [[op, t, c, float(b), float(x)] for (op, t, c), (b, x) in zip(points, got, strict=True)]
+        if checkpoint is not None:
+            checkpoint()
+    return out
+
+
+def sustained_table(rows_by_sms: dict[str, list[list[Any]]]) -> tuple[pd.DataFrame, str]:
+    """The profile's sustained table (factor = sustained / burst per point) and a sentence for
+    meta.notes with the measured range."""
+    rows = []
+    for s, measured in rows_by_sms.items():
+        for op, t, _, burst, held in measured:
+            if not (float(burst) > 0 and float(held) > 0):
+                raise NfsearchError(f"sustained point {op} at {t} tokens on {s} SMs: burst ({burst}) or "
+                                    f"sustained ({held}) latency is not positive")
+            rows.append([str(op), int(t), int(s), float(held) / float(burst)])
+    table = pd.DataFrame(rows, columns=list(SUSTAINED_COLUMNS))
+    if not rows:
+        return table, ""
+    sms = sorted({r[2] for r in rows})
+    toks = sorted({r[1] for r in rows})
+    lo, hi = min(r[3] for r in rows), max(r[3] for r in rows)
+    big = [r[3] for r in rows if r[2] == sms[-1]]
+    note = (f"{NOTE_PREFIX}{len(rows)} points ({', '.join(sorted({r[0] for r in rows}))} at "
+            f"{'/'.join(map(str, toks))} tokens on {'/'.join(map(str, sms))} SMs), factor = sustained / "
+            f"burst latency {lo:.3f}..{hi:.3f} ({min(big):.3f}..{max(big):.3f} on all SMs); latencies "
+            f"are charged burst x factor (docs/profile-format.md, \"Sustained clock\")")
+    return table, note
+
+
+def with_sustained(profile: Profile, table: pd.DataFrame, note: str) -> Profile:
+    """`profile` with its sustained table (and that note) replaced."""
+    kept = [p for p in profile.meta.notes.split(" | ") if not p.startswith(NOTE_PREFIX)]
+    meta = replace(profile.meta, notes=" | ".join(kept + ([note] if note else [])))
+    return Profile(meta, profile.latency, profile.interference, table)
+
+
+def add_sustained(profile: Profile, model: ModelConfig, tp: int, grid: ProfileGrid, timer: Any,
+                  out: str | os.PathLike[str], num_sms: int, leader: bool = True,
+                  progress: Callable[[int, int], Any] | None = None) -> Profile:
+    """Measure the grid's sustained table on this GPU and save `profile` with it at `out`."""
+    m = profile.meta
+    if m.source != "measured" or m.model != model.name or m.tp != tp or m.num_sms != num_sms:
+        raise NfsearchError(f"--add-sustained: the profile is {m.source} {m.model} tp {m.tp} on {m.num_sms} "
+                            f"SMs; this run is {model.name} tp {tp} on {num_sms} SMs")
+    total = len(sustained_points(model, tp, grid)) * len(grid.sustained_sms)
+    bar = progress(total, 0) if progress and leader else None
+    try:
+        rows = measure_sustained(model, tp, grid, timer, bar.update if bar is not None else (lambda n: None))
+    finally:
+        if bar is not None:
+            bar.close()
+    new = with_sustained(profile, *sustained_table(rows))
+    if leader:
+        save_profile(new, out)
+    return new
