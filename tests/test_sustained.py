@@ -6,6 +6,7 @@ import json
 import random
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -16,7 +17,7 @@ from nfsearch.profile import Profile, ProfileError, load_profile, save_profile
 from nfsearch.profile_sustained import SUSTAINED_COLUMNS, SustainedFactors, check_sustained
 from nfsearch.profiler.grid import ProfileGrid, full_grid, quick_grid, sustained_points
 from nfsearch.profiler.run import run_profile
-from nfsearch.profiler.sustained import NOTE_PREFIX, add_sustained, sustained_table
+from nfsearch.profiler.sustained import NOTE_PREFIX, across_sms, add_sustained, sustained_table
 from tests.test_profiler import FakeTimer
 
 
@@ -24,6 +25,12 @@ def _table(rng: random.Random, ops=("gate_up", "qkv_proj"), tokens=(256, 1024, 2
            sms=(64, 96, 132)) -> pd.DataFrame:
     rows = [[op, t, s, rng.uniform(0.9, 1.3)] for op in ops for t in tokens for s in sms]
     return pd.DataFrame(rows, columns=list(SUSTAINED_COLUMNS))
+
+
+def _stored(timer: FakeTimer, grid: ProfileGrid):
+    """The stored factor on `s` SMs for the fake timer's factor (a function of SMs only)."""
+    parts = float(np.median([timer.sustained_factor(s) for s in grid.sustained_sms[:-1]]))
+    return lambda s: timer.sustained_factor(s) if s == grid.sustained_sms[-1] else parts
 
 
 def _profile(tmp_path, seed: int = 0, grid: ProfileGrid | None = None) -> Profile:
@@ -81,14 +88,16 @@ def test_the_profiling_loop_measures_the_table_and_latencies_use_it(tmp_path) ->
     assert tp2 == {op.name for op in layer_ops(resolve_model("tiny-llama"), 2)} - {"attn_allreduce",
                                                                                    "mlp_allreduce"}
     assert len(prof.sustained) == len(pts) * len(grid.sustained_sms)
-    for r in prof.sustained.itertuples():
-        assert r.factor == pytest.approx(timer.sustained_factor(r.num_sms), abs=1e-4)
+    # stored: on the partitions the median of their measured factors; on all SMs that times the
+    # profile's all-SM offset, which for this timer's SM-only factor gives back its all-SM value
+    want = _stored(timer, grid)
+    assert all(r.factor == pytest.approx(want(r.num_sms), abs=1e-4) for r in prof.sustained.itertuples())
     # a lookup is the burst point times the factor; sustained=False is the burst point
     for op, t, c in pts:
         for s in grid.sustained_sms:
             burst = prof.latency_us(op, t, c, s, sustained=False)
             assert burst == pytest.approx(timer.latency(op, t, c, s), abs=1e-4)
-            assert prof.latency_us(op, t, c, s) == pytest.approx(burst * timer.sustained_factor(s), rel=1e-4)
+            assert prof.latency_us(op, t, c, s) == pytest.approx(burst * want(s), rel=1e-4)
     assert "lm_head" not in set(prof.sustained["op"])  # a tail op: charged its burst point
     assert prof.latency_us("lm_head", 64, 0, 132) == prof.latency_us("lm_head", 64, 0, 132, sustained=False)
     assert NOTE_PREFIX in prof.meta.notes
@@ -136,8 +145,8 @@ def test_add_sustained_replaces_the_table_and_keeps_every_burst_point(tmp_path) 
     new = add_sustained(bare, model, 1, grid, timer, out, 132)
     assert new.latency.equals(bare.latency) and new.interference.equals(bare.interference)
     assert new.has_sustained and load_profile(out) == new
-    assert all(r.factor == pytest.approx(timer.sustained_factor(r.num_sms), abs=1e-4)
-               for r in new.sustained.itertuples())
+    want = _stored(timer, grid)
+    assert all(r.factor == pytest.approx(want(r.num_sms), abs=1e-4) for r in new.sustained.itertuples())
     twice = add_sustained(new, model, 1, grid, FakeTimer(4), out, 132)
     assert twice.meta.notes.count(NOTE_PREFIX) == 1 and twice == new
     with pytest.raises(NfsearchError, match="--add-sustained: the profile is measured tiny-llama tp 1"):
@@ -145,14 +154,34 @@ def test_add_sustained_replaces_the_table_and_keeps_every_burst_point(tmp_path) 
 
 
 def test_sustained_table_from_rows_and_its_note() -> None:
-    rows = {"132": [["gate_up", 1024, 0, 300.0, 350.0]], "64": [["gate_up", 1024, 0, 500.0, 495.0]]}
+    rows = {"132": [["gate_up", 1024, 0, 300.0, 350.0]], "64": [["gate_up", 1024, 0, 500.0, 495.0]],
+            "96": [["gate_up", 1024, 0, 400.0, 440.0]]}
     table, note = sustained_table(rows)
     got = {(r.num_sms): r.factor for r in table.itertuples()}
-    assert got == {132: pytest.approx(350 / 300), 64: pytest.approx(0.99)}
-    assert note.startswith(NOTE_PREFIX) and "0.990..1.167" in note
+    # partitions: the median of 0.99 and 1.1; all SMs: that times the offset 1.1667 / 1.045
+    assert got == {64: pytest.approx(1.045), 96: pytest.approx(1.045), 132: pytest.approx(350 / 300)}
+    assert note.startswith(NOTE_PREFIX) and "measured factor = sustained / burst latency 0.990..1.167" in note
     assert sustained_table({})[1] == ""
     with pytest.raises(NfsearchError, match="not positive"):
         sustained_table({"64": [["gate_up", 1024, 0, 0.0, 1.0]]})
+
+
+def test_the_stored_factor_is_the_partition_median_and_one_all_sm_offset() -> None:
+    rng = random.Random(7)
+    raw = _table(rng, ops=("gate_up", "qkv_proj", "down"), sms=(32, 64, 96, 112, 120, 132))
+    out = across_sms(raw)
+    assert list(out.columns) == list(SUSTAINED_COLUMNS) and len(out) == len(raw)
+    assert (out[["op", "tokens", "num_sms"]].to_numpy() == raw[["op", "tokens", "num_sms"]].to_numpy()).all()
+    med, top = {}, {}
+    for (op, t), g in raw.groupby(["op", "tokens"]):
+        med[op, t] = sorted(g[g.num_sms < 132]["factor"])[2]  # five partitions: the middle one
+        top[op, t] = float(g[g.num_sms == 132]["factor"].iloc[0])
+    offset = sorted(top[k] / med[k] for k in med)[len(med) // 2]  # nine (op, tokens): the middle one
+    for r in out.itertuples():
+        want = med[r.op, r.tokens] * (offset if r.num_sms == 132 else 1.0)
+        assert r.factor == pytest.approx(want, rel=1e-12)
+    only_all = raw[raw.num_sms == 132]  # nothing to pool: kept as measured
+    assert across_sms(only_all)["factor"].to_numpy() == pytest.approx(only_all["factor"].to_numpy())
 
 
 def test_grid_checks_the_sustained_fields(tmp_path) -> None:

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Session 10 device call on 4 H200s: the five H200 benchmark schedules solved from the profiles whose
+# sustained table is the median over the SM counts (23:5x), each benched beside its sequential schedule;
+# then the GPU tests (OR-Tools from .whl).
+# Everything comes back as $OUT/results.tgz.
+#   OUT=/tmp/out bash benchmarks/h200x4_s10d.sh
+set -u
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/nfsearch-out}
+W=/tmp/nfs-work; rm -rf $W; mkdir -p $W/logs $W/bench
+pack() { tar czf "$OUT/results.tgz" -C $W . ; }
+python3 -m pip install --no-deps --no-build-isolation -e . -q > $W/logs/pip.log 2>&1
+bench() {  # bench GPUS SCHEDULE [extra args]
+  local g=$1 s=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$g timeout 200 python3 -m nfsearch bench --schedule "$s" --iters 20 --out $W/bench "$@" \
+    > $W/logs/bench-$(basename "$s" .yaml).log 2>&1
+  echo "bench $s rc=$? at $(date -u +%H:%M:%S)"; }
+T=$(date -u +%Y%m%dT%H%M)
+bench 0 schedules/llama3-8b-h200-tp1-splitwise.yaml & bench 1 schedules/llama3-8b-h200-tp1-const-1024-512.yaml &
+bench 2,3 schedules/mixtral-8x7b-h200-tp2-splitwise.yaml & wait; pack
+bench 0,1,2,3 schedules/llama3-70b-h200-tp4-splitwise.yaml --rtol 0.1 --timeline $W/bench/tl-llama3-70b-tp4-$T.png; pack
+bench 0 schedules/mixtral-8x7b-h200-tp1-splitwise.yaml --timeline $W/bench/tl-mixtral-tp1-$T.png; pack
+for f in $W/logs/bench-*.log; do echo "== $f"; grep -v '%|' "$f" | grep -E "speedup|predicted|bound" | head -6; done
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .whl/*.whl > $W/logs/wheels.log 2>&1 && export PYTHONPATH=/tmp/site
+timeout 330 python3 -m pytest -q -m gpu tests/ > $W/logs/gpu_tests-4xh200-$T.log 2>&1
+echo "gpu tests rc=$? at $(date -u +%H:%M:%S)"; tail -3 $W/logs/gpu_tests-4xh200-$T.log; pack
