@@ -36,8 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from <out>.partial.json, skipping what it holds")
     p.add_argument("--add-sustained", action="store_true",
-                   help="measure only the sustained-clock table (each compute op held at the power limit) "
-                        "and write the existing profile at --out / the default path with it")
+                   help="measure only the sustained-clock table (each layer op timed between heater GEMMs, "
+                        "at the power-limited clock) and write the existing profile at --out / the default "
+                        "path with it")
     p.add_argument("--device", type=int, default=0, help="CUDA device index (default: %(default)s)")
     p.add_argument("--plot", metavar="PNG", default=None,
                    help="draw P(R) curves per op kind of an existing profile (--profile, or the one at "

@@ -84,10 +84,10 @@ class ProfileGrid:
     placed_sms: int = 0
     corun_s: float = 0.4  # seconds each interference co-run is sustained (power-capped steady state)
     # the sustained-clock table: SM counts (a subset of sms; empty: no table), token counts, and
-    # the seconds each point is held back to back (the second half is timed)
+    # the seconds each point is replayed between heater GEMMs (the second half is timed)
     sustained_sms: tuple[int, ...] = ()
     sustained_tokens: tuple[int, ...] = ()
-    sustained_s: float = 0.5
+    sustained_s: float = 0.3
 
     def __post_init__(self) -> None:
         for name in ("sms", "tokens", "decode_requests", "decode_contexts", "prefill_tokens",
@@ -213,8 +213,10 @@ def sustained_points(model: ModelConfig, tp: int, grid: ProfileGrid) -> list[Poi
     """(op, tokens, context) of the sustained-clock table on each of grid.sustained_sms: every layer
     op but the collectives at grid.sustained_tokens; prefill attention on prompts of the token
     count, decode attention at the interference co-runs' context."""
-    context = {"attn_prefill": None, "attn_decode": grid.interference_decode[1]}
-    return [(op.name, t, t if op.name == "attn_prefill" else context.get(op.name, 0))
+    def context(op: str, tokens: int) -> int:
+        return {"attn_prefill": tokens, "attn_decode": grid.interference_decode[1]}.get(op, 0)
+
+    return [(op.name, t, context(op.name, t))
             for op in layer_ops(model, tp) if op.kind != "network" for t in grid.sustained_tokens]
 
 

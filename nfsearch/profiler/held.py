@@ -12,7 +12,6 @@ beside it is the profile's own timing, the better of one before and one after.
 
 from __future__ import annotations
 
-import gc
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -27,12 +26,8 @@ GEMM_HEAT_S = 2.0
 def held_points(timer: Any, num_sms: int, points: list[tuple[str, int, int]],
                 tick: Callable[[int], None]) -> list[tuple[float, float]]:
     """(burst us, held us) per launch of each (op, tokens, context) on a partition of `num_sms` SMs."""
-    from nfrt.partition import make_partitions
-
-    parts = make_partitions([num_sms], device=timer.dev.index) if num_sms < timer.grid.num_sms else None
-    stream = parts[0].stream if parts is not None else torch.cuda.Stream(timer.dev)
     heat, heat_stream = heater(timer)
-    try:
+    with timer.on_partition(num_sms) as stream:
         run_for(heat, heat_stream, GEMM_HEAT_S)
         out = []
         for op, t, c in points:
@@ -47,12 +42,6 @@ def held_points(timer: Any, num_sms: int, points: list[tuple[str, int, int]],
             out.append((min(burst, again), held))
             tick(1)
         return out
-    finally:
-        torch.cuda.synchronize(timer.dev)
-        if parts is not None:
-            parts.close()
-        gc.collect()
-        torch.cuda.empty_cache()
 
 
 def heater(timer: Any) -> tuple[torch.cuda.CUDAGraph, torch.cuda.Stream]:

@@ -20,10 +20,12 @@ ranks issue identical collective sequences; that agreement also lines the ranks 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import math
 import statistics
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -281,22 +283,28 @@ class GpuTimer:
         self._est[(op, -1, c)] = us  # the next token count of this op starts from here
         return us, mhz
 
-    def solo(self, num_sms: int, points: list[Point], tick: Tick) -> list[tuple[float, float]]:
+    @contextlib.contextmanager
+    def on_partition(self, num_sms: int) -> Iterator[torch.cuda.Stream]:
+        """A stream on a green-context partition of `num_sms` SMs (an ordinary stream for all SMs);
+        on exit the GPU is drained, the partition closed and the cached memory freed."""
         parts = make_partitions([num_sms], device=self.dev.index) if num_sms < self.grid.num_sms else None
-        stream = parts[0].stream if parts is not None else torch.cuda.Stream(self.dev)
-        self.use_comm(num_sms)
         try:
-            out = []
-            for op, t, c in points:
-                out.append(self._time_point(stream, op, t, c, num_sms))
-                tick(1)
-            return out
+            yield parts[0].stream if parts is not None else torch.cuda.Stream(self.dev)
         finally:
             torch.cuda.synchronize(self.dev)
             if parts is not None:
                 parts.close()
             gc.collect()
             torch.cuda.empty_cache()
+
+    def solo(self, num_sms: int, points: list[Point], tick: Tick) -> list[tuple[float, float]]:
+        with self.on_partition(num_sms) as stream:
+            self.use_comm(num_sms)
+            out = []
+            for op, t, c in points:
+                out.append(self._time_point(stream, op, t, c, num_sms))
+                tick(1)
+            return out
 
     def sustained(self, num_sms: int, points: list[Point], tick: Tick) -> list[tuple[float, float]]:
         """(burst us, sustained us) per launch of each point on a partition of `num_sms` SMs, the
