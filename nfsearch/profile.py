@@ -185,10 +185,6 @@ class Profile:
         """Whether the profile carries a sustained-clock table (latencies are charged with it)."""
         return bool(self._factors)
 
-    def sustained_factor(self, op: str, tokens: float, num_sms: float) -> float:
-        """Sustained / burst latency of `op` (1.0 for an op the sustained table lacks)."""
-        return self._factors.factor(op, tokens, num_sms)
-
     def latency_us(self, op: str, tokens: float, context: float, num_sms: float,
                    clock_mhz: float | None = None, sustained: bool = True) -> float:
         """Solo latency, interpolated linearly in tokens, context and num_sms between grid points.

@@ -90,9 +90,6 @@ class SustainedFactors:
     def __bool__(self) -> bool:
         return bool(self._by_op)
 
-    def ops(self) -> tuple[str, ...]:
-        return tuple(self._by_op)
-
     def factor(self, op: str, tokens: float, num_sms: float) -> float:
         entry = self._by_op.get(op)
         if entry is None:

@@ -131,12 +131,15 @@ def _measure(args: argparse.Namespace, model: ModelConfig, torch: Any, group: An
     grid = (quick_grid if args.quick else full_grid)(props.multi_processor_count, gran, min_sms, placed)
     out = Path(args.out) if args.out else profiles_root() / slug / profile_filename(model.name, args.tp)
     t0 = time.perf_counter()
-    if getattr(args, "add_sustained", False):
+    base = None
+    if args.add_sustained:
         from nfsearch.profile import load_profile
-        from nfsearch.profiler.sustained import add_sustained
 
         base = load_profile(out)  # before the timer: a wrong path fails in seconds
-        timer = GpuTimer(model, args.tp, grid, device=args.device, group=group)
+    timer = GpuTimer(model, args.tp, grid, device=args.device, group=group)
+    if base is not None:
+        from nfsearch.profiler.sustained import add_sustained
+
         prof = add_sustained(base, model, args.tp, grid, timer, out, props.multi_processor_count,
                              leader=leader, progress=_progress)
         if leader:
@@ -145,7 +148,6 @@ def _measure(args: argparse.Namespace, model: ModelConfig, torch: Any, group: An
                   f"{len(prof.sustained)} points (factor {f.min():.3f}..{f.max():.3f}) in "
                   f"{time.perf_counter() - t0:.0f} s")
         return 0
-    timer = GpuTimer(model, args.tp, grid, device=args.device, group=group)
     prof = run_profile(model, args.tp, grid, timer, out, gpu_slug=slug, sm_granularity=gran,
                        nvlink_gbps=nvlink, resume=args.resume, progress=_progress,
                        grid_name="quick" if args.quick else "full", leader=leader,

@@ -26,7 +26,7 @@ GEMM_HEAT_S = 2.0
 def held_points(timer: Any, num_sms: int, points: list[tuple[str, int, int]],
                 tick: Callable[[int], None]) -> list[tuple[float, float]]:
     """(burst us, held us) per launch of each (op, tokens, context) on a partition of `num_sms` SMs."""
-    heat, heat_stream = heater(timer)
+    heat, heat_stream, _buffers = heater(timer.dev, timer._capture)  # the buffers live as long as the graph
     with timer.on_partition(num_sms) as stream:
         run_for(heat, heat_stream, GEMM_HEAT_S)
         out = []
@@ -44,15 +44,15 @@ def held_points(timer: Any, num_sms: int, points: list[tuple[str, int, int]],
         return out
 
 
-def heater(timer: Any) -> tuple[torch.cuda.CUDAGraph, torch.cuda.Stream]:
-    """The timer's heater graph (made once): HEAT_GEMMS bf16 8192^3 GEMMs on all SMs, own stream."""
-    if getattr(timer, "_heat", None) is None:
-        a, b = (torch.randn(8192, 8192, device=timer.dev, dtype=torch.bfloat16) for _ in range(2))
-        c = torch.empty_like(a)
-        hs = torch.cuda.Stream(timer.dev)
-        g = timer._capture(hs, lambda i: torch.mm(a, b, out=c), HEAT_GEMMS, shared_pool=False)
-        timer._heat = (g, hs, (a, b, c))  # the buffers live as long as the graph
-    return timer._heat[0], timer._heat[1]
+def heater(dev: torch.device, capture: Callable[..., torch.cuda.CUDAGraph]
+           ) -> tuple[torch.cuda.CUDAGraph, torch.cuda.Stream, tuple[torch.Tensor, ...]]:
+    """(graph, its stream, its buffers): HEAT_GEMMS bf16 8192^3 GEMMs on all SMs on an ordinary
+    stream, captured with the timer's `capture` (a private pool: it replays beside the point's)."""
+    a, b = (torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    c = torch.empty_like(a)
+    hs = torch.cuda.Stream(dev)
+    g = capture(hs, lambda i: torch.mm(a, b, out=c), HEAT_GEMMS, shared_pool=False)
+    return g, hs, (a, b, c)
 
 
 def run_for(g: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, seconds: float) -> None:

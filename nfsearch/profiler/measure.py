@@ -50,7 +50,6 @@ from nfsearch.profiler.run import NVLINK_PROBE_MIB, CoRun, Tick
 MAX_LAUNCHES = 64  # launches per captured graph (short ops); long ops get fewer, at least 1
 
 
-
 class AliasAllocator:
     """A page allocator (the `nfrt.kvcache.PageAllocator` interface `BatchBuffers.prepare` uses) that
     maps each sequence's pages to random pages of a fixed pool, shared between sequences."""
@@ -175,9 +174,9 @@ class GpuTimer:
                 f"after a warm-up co-run (power-capped steady state); solo timed the same way, same stream. "
                 f"sm_clock_mhz: the SM clock right after each point's timed replays, from a one-warp "
                 f"%clock64 spin timed with CUDA events (nfsearch.profiler.clock). Sustained table: "
-                f"each point timed as above (burst), then looped in one graph (~3 ms) replayed back to "
-                f"back for {self.grid.sustained_s:g} s on the same partition, factor = median replay of "
-                f"the second half / burst."
+                f"each point timed as above (burst, the better of one before and one after), then "
+                f"replayed between heater GEMMs on all SMs for {self.grid.sustained_s:g} s on the same "
+                f"partition (nfsearch.profiler.held), factor = median replay of the second half / burst."
                 + (" GEMMs on a partition of s SMs run through cuBLASLt with SM count target s "
                    "(nfrt.gemm_target), as in the engine." if gemm_target_enabled() else "")
                 + (f" Tensor parallel over {self.tp} GPUs: each op on the rank's shard (per-GPU shapes); "
@@ -319,4 +318,3 @@ class GpuTimer:
         from nfsearch.profiler.corun import sustained_corun
 
         return sustained_corun(self, top_sms, bottom_sms, bottom_ops, top_ops, tick)
-

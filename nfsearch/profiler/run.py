@@ -134,7 +134,6 @@ def run_profile(model: ModelConfig, tp: int, grid: ProfileGrid, timer: Timer, ou
             _write_json_atomic(ppath, state)
 
     n_solo, n_co, n_sus = grid_point_count(model, tp, grid)
-    state.setdefault("sustained", {})
     done = (len(points) * len(state["solo"]) + sum(len(v) for v in state["interference"].values())
             + sum(len(v) for v in state["sustained"].values()))
     bar = progress(n_solo + n_co + n_sus, done) if progress and leader else None
@@ -264,7 +263,7 @@ def build_profile(model: ModelConfig, tp: int, grid: ProfileGrid, state: dict[st
                    f"{NVLINK_PROBE_MIB} MiB bf16 all-reduce over the {tp} GPUs (median)")
     else:
         nv_note = "nvlink_gbps is the datasheet value (not measured)"
-    sus, sus_note = sustained_table(state.get("sustained", {}))
+    sus, sus_note = sustained_table(state["sustained"])
     notes = (f"measured by nfsearch profile ({grid_name} grid); {method} Ceilings: bf16 GEMM 8192^3 and a "
              f"1 GiB device copy (read + write). {nv_note}. {inter_note}."
              + (f" | {sus_note}" if sus_note else ""))

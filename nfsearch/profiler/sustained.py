@@ -1,4 +1,4 @@
-"""The sustained-clock phase of the profiler: each compute-bound op held at the GPU's power limit.
+"""The sustained-clock phase of the profiler: each layer op timed at the GPU's power-limited clock.
 
 Pure Python (no torch): the timer's `sustained(num_sms, points, tick)` does the GPU work
 (`nfsearch.profiler.measure.GpuTimer.sustained`) and returns (burst us, sustained us) per point;
@@ -60,7 +60,8 @@ def sustained_table(rows_by_sms: dict[str, list[list[Any]]]) -> tuple[pd.DataFra
     raw = pd.DataFrame(rows, columns=list(SUSTAINED_COLUMNS))
     if not rows:
         return raw, ""
-    return across_sms(raw), table_note(raw)
+    table, offset = pooled(raw)
+    return table, table_note(raw, table, offset)
 
 
 def across_sms(raw: pd.DataFrame) -> pd.DataFrame:
@@ -92,11 +93,11 @@ def pooled(raw: pd.DataFrame) -> tuple[pd.DataFrame, float]:
     return out.assign(factor=factor)[list(SUSTAINED_COLUMNS)].reset_index(drop=True), offset
 
 
-def table_note(raw: pd.DataFrame) -> str:
-    """The meta.notes sentence of a sustained table measured as `raw`."""
+def table_note(raw: pd.DataFrame, table: pd.DataFrame, offset: float) -> str:
+    """The meta.notes sentence of a sustained table measured as `raw` and stored as `pooled(raw)`
+    = (table, offset)."""
     sms = sorted({int(x) for x in raw["num_sms"]})
     toks = sorted({int(x) for x in raw["tokens"]})
-    table, offset = pooled(raw)
     med = table["factor"]
     spread = raw["factor"].to_numpy() / med.to_numpy()
     return (f"{NOTE_PREFIX}{len(raw)} points ({', '.join(sorted(set(raw['op'])))} at "
