@@ -148,6 +148,10 @@ def add_solve_parser(sub: argparse._SubParsersAction) -> None:
                         "the cost model) (default: %(default)s)")
     p.add_argument("--max-nano-batches", type=int, default=d.max_nano_batches,
                    help="largest nano-batch count tried (default: %(default)s)")
+    p.add_argument("--gather-form", action="store_true", default=d.gather_form,
+                   help="TP: let the search run the first nano-batches' attention output in the "
+                        "all-gather form (all-gather, column-parallel O, all-gather) instead of o_proj + "
+                        "all-reduce; the profile must hold those ops (docs/tensor-parallel.md)")
     p.add_argument("--time-limit", type=float, default=d.time_limit_s,
                    help="solver budget in seconds of CP-SAT deterministic time, about wall seconds; "
                         "deterministic so the same inputs give the same schedule (default: %(default)s)")
@@ -169,7 +173,7 @@ def run_solve(args: argparse.Namespace) -> int:
     cfg = SolveConfig(model=args.model, gpu=args.gpu, profile=args.profile, tp=args.tp,
                       workload=args.workload, dense_batch=args.dense_batch, policy=args.policy,
                       max_nano_batches=args.max_nano_batches, time_limit_s=args.time_limit,
-                      output=args.output)
+                      output=args.output, gather_form=args.gather_form)
     if not args.json:
         print(f"solving {cfg.model} ({cfg.workload}, dense batch {cfg.dense_batch}, tp {cfg.tp}, "
               f"policy {cfg.policy}, time limit {cfg.time_limit_s:g} s) ...", file=sys.stderr, flush=True)

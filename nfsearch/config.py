@@ -26,6 +26,9 @@ class SolveConfig:
     max_nano_batches: int = 4
     time_limit_s: float = 60.0
     output: str | None = None
+    # let the search run a prefix of the nano-batches in the all-gather form of the attention
+    # output (TP only; the profile must hold attn_allgather, o_proj_col and o_allgather)
+    gather_form: bool = False
 
     def __post_init__(self) -> None:
         if self.tp < 1:
@@ -40,3 +43,5 @@ class SolveConfig:
             raise NfsearchError(f"max_nano_batches must be in 1..8, got {self.max_nano_batches}")
         if self.time_limit_s <= 0:
             raise NfsearchError(f"--time-limit must be positive, got {self.time_limit_s}")
+        if self.gather_form and self.tp < 2:
+            raise NfsearchError(f"--gather-form needs tensor parallelism (--tp >= 2), got tp {self.tp}")

@@ -18,13 +18,17 @@ from nfsearch.errors import NfsearchError
 from nfsearch.models import check_tp
 
 OpKind = Literal["compute", "memory", "network", "other"]
-TokenClass = Literal["all", "decode", "prefill"]
+TokenClass = Literal["all", "decode", "prefill", "gather", "reduce"]
 Scope = Literal["token", "prefix"]
 DepT = tuple[str, str, bool]  # (pred op, scope, prev_layer)
 
 _B = 2  # bytes per bf16 element
 _KINDS = ("compute", "memory", "network", "other")
-_TOKEN_CLASSES = ("all", "decode", "prefill")
+_TOKEN_CLASSES = ("all", "decode", "prefill", "gather", "reduce")
+# The all-gather form of the attention output (docs/tensor-parallel.md, "The all-gather form"): the
+# tokens of class `gather` (a prefix of the dense batch, chosen by the search) run these instead of
+# o_proj + attn_allreduce, which then act on the rest (class `reduce`).
+GATHER_OPS = ("attn_allgather", "o_proj_col", "o_allgather")
 _SCOPES = ("token", "prefix")
 
 
@@ -121,6 +125,29 @@ def _allreduce(d: _Dims, t: int, c: int) -> Cost:
     return Cost((d.tp - 1) / d.tp * t * d.h, 2.0 * buf + net, net)
 
 
+def _allgather(d: _Dims, t: int, width: int, copy: bool) -> Cost:
+    # Ring all-gather of [t, width] slices: each GPU sends its slice to the tp - 1 others and
+    # receives theirs; the [tp, t, width] result lands in HBM (`copy`: then one permute-copy, read
+    # and write, into token-major order).
+    full = _B * t * width * d.tp
+    net = (d.tp - 1) / d.tp * full
+    return Cost(0.0, full + (2.0 * full if copy else 0.0) + net, net)
+
+
+def _attn_allgather(d: _Dims, t: int, c: int) -> Cost:
+    return _allgather(d, t, d.q, copy=False)  # this rank's heads' attention output -> every head's
+
+
+def _o_proj_col(d: _Dims, t: int, c: int) -> Cost:
+    # the gathered [tp, t, q] permuted to [t, tp * q], then column-parallel O: [t, tp q] @ [tp q, h / tp]
+    copy = Cost(0.0, 2.0 * _B * t * d.q * d.tp, 0.0)
+    return copy + _gemm(t, d.q * d.tp, d.h // d.tp)
+
+
+def _o_allgather(d: _Dims, t: int, c: int) -> Cost:
+    return _allgather(d, t, d.h // d.tp, copy=True)  # the O output's hidden slices -> hidden [t, h]
+
+
 def _gate_up(d: _Dims, t: int, c: int) -> Cost:
     return _gemm(t, d.h, 2 * d.inter)
 
@@ -171,7 +198,8 @@ def _lm_head(d: _Dims, t: int, c: int) -> Cost:
 _COSTS: dict[str, Callable[[_Dims, int, int], Cost]] = {
     "input_norm": _norm, "qkv_proj": _qkv_proj, "rope": _rope, "kv_append": _kv_append,
     "attn_decode": _attn_decode, "attn_prefill": _attn_prefill, "o_proj": _o_proj,
-    "attn_allreduce": _allreduce, "post_norm": _norm, "gate_up": _gate_up, "silu_mul": _silu_mul,
+    "attn_allreduce": _allreduce, "attn_allgather": _attn_allgather, "o_proj_col": _o_proj_col,
+    "o_allgather": _o_allgather, "post_norm": _norm, "gate_up": _gate_up, "silu_mul": _silu_mul,
     "down": _down, "router": _router, "expert_gate_up": _expert_gate_up,
     "expert_silu_mul": _expert_silu_mul, "expert_down": _expert_down, "mlp_allreduce": _allreduce,
     "final_norm": _norm, "lm_head": _lm_head,
@@ -211,9 +239,19 @@ class OpSpec:
         return _COSTS[self.name](_dims(self.model, self.tp), tokens, context)
 
 
-def layer_ops(model: ModelConfig, tp: int = 1) -> tuple[OpSpec, ...]:
-    """The ops of one decoder layer in a topological order of the in-layer deps."""
+def gather_form_ok(model: ModelConfig, tp: int) -> bool:
+    """Can this model run the all-gather form at this TP degree (the hidden size splits evenly)?"""
+    return tp > 1 and model.hidden_size % tp == 0
+
+
+def layer_ops(model: ModelConfig, tp: int = 1, gather: bool = False) -> tuple[OpSpec, ...]:
+    """The ops of one decoder layer in a topological order of the in-layer deps. `gather`: with the
+    all-gather form of the attention output beside the all-reduce one (TP only; `GATHER_OPS` of
+    class gather, o_proj and attn_allreduce of class reduce)."""
     check_tp(model, tp)
+    if gather and not gather_form_ok(model, tp):
+        raise NfsearchError(f"the all-gather form needs tp > 1 dividing hidden_size "
+                            f"({model.hidden_size}); got tp {tp}")
     net, moe = tp > 1, model.is_moe
     mlp_last = "expert_down" if moe else "down"
     layer_out = "mlp_allreduce" if net else mlp_last
@@ -226,12 +264,22 @@ def layer_ops(model: ModelConfig, tp: int = 1) -> tuple[OpSpec, ...]:
         ("kv_append", "memory", "qkv", "all", (("rope", "token", False),)),
         ("attn_decode", "memory", "attn_decode", "decode", (("kv_append", "token", False),)),
         ("attn_prefill", "compute", "attn_prefill", "prefill", (("kv_append", "prefix", False),)),
-        ("o_proj", "compute", "o_proj", "all", (("attn_decode", "token", False),
-                                                ("attn_prefill", "token", False))),
     ]
+    attn = (("attn_decode", "token", False), ("attn_prefill", "token", False))
+    reduce: TokenClass = "reduce" if gather else "all"
+    if gather:
+        rows += [
+            ("attn_allgather", "network", "attn_allgather", "gather", attn),
+            ("o_proj_col", "compute", "o_proj_col", "gather", (("attn_allgather", "token", False),)),
+            ("o_allgather", "network", "o_allgather", "gather", (("o_proj_col", "token", False),)),
+        ]
+    rows.append(("o_proj", "compute", "o_proj", reduce, attn))
     if net:
-        rows.append(("attn_allreduce", "network", "attn_allreduce", "all", (("o_proj", "token", False),)))
-    rows.append(("post_norm", "other", up, "all", ((attn_out, "token", False),)))
+        rows.append(("attn_allreduce", "network", "attn_allreduce", reduce, (("o_proj", "token", False),)))
+    post_deps: tuple[DepT, ...] = ((attn_out, "token", False),)
+    if gather:
+        post_deps += (("o_allgather", "token", False),)
+    rows.append(("post_norm", "other", up, "all", post_deps))
     if moe:
         rows += [
             ("router", "compute", "moe_up", "all", (("post_norm", "token", False),)),
@@ -264,15 +312,17 @@ def op_tokens(op: OpSpec, batch: BatchComposition) -> tuple[int, int]:
         return batch.decode_tokens, batch.decode_context if batch.decode_tokens else 0
     if op.name == "attn_prefill":
         return batch.prefill_tokens, batch.prefill_context if batch.prefill_tokens else 0
-    tokens = {"all": batch.dense_batch, "decode": batch.decode_tokens,
-              "prefill": batch.prefill_tokens}[op.token_class]
+    # gather / reduce: the split is the schedule's; the whole batch is the most either can have
+    tokens = {"all": batch.dense_batch, "decode": batch.decode_tokens, "prefill": batch.prefill_tokens,
+              "gather": batch.dense_batch, "reduce": batch.dense_batch}[op.token_class]
     return tokens, 0
 
 
-def build_layer_graph(model: ModelConfig, batch: BatchComposition, tp: int = 1) -> nx.DiGraph:
+def build_layer_graph(model: ModelConfig, batch: BatchComposition, tp: int = 1,
+                      gather: bool = False) -> nx.DiGraph:
     """One layer as a DAG; nodes carry the op, its token counts and its per-GPU cost."""
     g = nx.DiGraph(model=model.name, tp=tp, batch=batch.to_dict())
-    ops = layer_ops(model, tp)
+    ops = layer_ops(model, tp, gather)
     for op in ops:
         tokens, context = op_tokens(op, batch)
         c = op.cost(tokens, context)
@@ -295,10 +345,10 @@ class GroupSpec(NamedTuple):
     deps: tuple[DepT, ...]  # (pred group, scope, prev_layer)
 
 
-def groups(model: ModelConfig, tp: int = 1) -> dict[str, GroupSpec]:
+def groups(model: ModelConfig, tp: int = 1, gather: bool = False) -> dict[str, GroupSpec]:
     """Groups in a topological order; kind and token class are those of the group's main op
     (its first op that is not `other`)."""
-    ops = layer_ops(model, tp)
+    ops = layer_ops(model, tp, gather)
     group_of = {op.name: op.group for op in ops}
     members: dict[str, list[OpSpec]] = {}
     for op in ops:

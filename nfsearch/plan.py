@@ -35,9 +35,10 @@ from nfsearch.emit import place
 from nfsearch.errors import NfsearchError
 from nfsearch.gpus import GpuSpec, gpu_slug_for_device_name, partition_sizes, resolve_gpu
 from nfsearch.models import resolve_model
-from nfsearch.opgraph import groups, layer_ops, op_tokens, tail_ops
+from nfsearch.opgraph import GATHER_OPS, groups, layer_ops, op_tokens, tail_ops
 from nfsearch.profile import Profile, default_profile_for, load_profile, shipped_profile_path
-from nfsearch.search.problem import KINDS, Dep, SearchProblem, Solution, StageOp
+from nfsearch.search.problem import FORM_CLASSES, KINDS, Dep, SearchProblem, Solution, StageOp
+from nfsearch.search.timeline import class_range
 from nfsearch.workload import Composition, compose_batch, parse_workload
 
 DEFAULT_GPU = "h200"
@@ -90,7 +91,7 @@ def choose_profile(model: ModelConfig, cfg: SolveConfig) -> tuple[Profile, str]:
     else:
         detected = detect_gpu_slug()
         slug, why = (detected, "detected GPU") if detected else (DEFAULT_GPU, "no GPU detected: default")
-    prof = default_profile_for(model, resolve_gpu(slug), cfg.tp)
+    prof = default_profile_for(model, resolve_gpu(slug), cfg.tp, gather=cfg.gather_form)
     return prof, f"{why} {slug}: {prof.meta.source} profile"
 
 
@@ -191,9 +192,17 @@ def build_problem(model: ModelConfig, batch: BatchComposition, profile: Profile,
     # a partition narrower than the GPU must be placeable beside others (GpuSpec.placeable_sms)
     sms = tuple(s for s in partition_sizes(gpu)
                 if (s in profiled and s <= gpu.placeable_sms) or s == gpu.num_sms)
-    specs = {op.name: op for op in layer_ops(model, tp)}
+    gather = cfg.gather_form
+    specs = {op.name: op for op in layer_ops(model, tp, gather)}
+    if gather:
+        missing = [op for op in GATHER_OPS if op not in profile.ops()]
+        if missing:
+            raise NfsearchError(f"--gather-form: the profile has no {', '.join(missing)} (a "
+                                f"{profile.meta.source} profile of {profile.meta.date}); add them with "
+                                f"`nfsearch profile --tp {tp} --add-ops` on the GPUs, or solve without "
+                                "--gather-form")
     stage_ops = []
-    for name, grp in groups(model, tp).items():
+    for name, grp in groups(model, tp, gather).items():
         # n granules of the group's own token class: every op of a group runs on those tokens
         # (an `all` op inside an attention group does not occur; see docs/architecture.md).
         # an attention op whose class is absent from the batch still needs a valid context
@@ -231,15 +240,24 @@ def to_schedule(cfg: SolveConfig, model: ModelConfig, comp: Composition, gpu: Gp
                 problem: SearchProblem, sol: Solution, seq: Solution, bound: Bound) -> Schedule:
     g = problem.granularity_tokens
     batch = comp.batch
+    problem = replace(problem, gather_granules=sol.gather_granules)  # what the solution was timed on
+    gather = sol.gather_granules > 0
     groups_by_name = {op.name: op for op in problem.ops}
     nano = {n.name: n for n in sol.nano_ops}
     placed = place(problem, sol)
     stream_name = {name: ps.name for ps in placed.streams for name in ps.nano_ops}
+    def tokens(n) -> tuple[int, int]:
+        a, c = n.granules
+        cls = groups_by_name[n.op].token_class
+        if cls in FORM_CLASSES:  # F is a nano-batch boundary: show the tokens the form runs on
+            lo, hi = class_range(problem, cls)
+            a, c = max(a, lo), min(c, hi)
+        return a * g, c * g
+
     streams = tuple(
         Stream(name=ps.name, kind=ps.kind, partition=ps.partition.name,
                nano_ops=tuple(NanoOp(name=name, ops=groups_by_name[nano[name].op].graph_ops,
-                                     tokens=(nano[name].granules[0] * g, nano[name].granules[1] * g),
-                                     num_sms=ps.partition.num_sms)
+                                     tokens=tokens(nano[name]), num_sms=ps.partition.num_sms)
                               for name in ps.nano_ops))
         for ps in placed.streams)
     bounds = sol.boundaries
@@ -247,7 +265,7 @@ def to_schedule(cfg: SolveConfig, model: ModelConfig, comp: Composition, gpu: Gp
                          for i in range(len(bounds) - 1))
     layer = tuple(LayerOp(name=op.name, kind=op.kind, token_class=op.token_class,
                           deps=tuple(OpDep(op=p, scope=s, prev_layer=prev) for p, s, prev in op.deps))
-                  for op in layer_ops(model, cfg.tp))
+                  for op in layer_ops(model, cfg.tp, gather))
     # one dense batch per iteration for the whole TP group: per GPU, divide by tp
     tokens_per_s = batch.dense_batch / (sol.iteration_us * 1e-6) / cfg.tp
     optimal = bound.optimal_tokens_per_s_per_gpu
@@ -266,7 +284,7 @@ def to_schedule(cfg: SolveConfig, model: ModelConfig, comp: Composition, gpu: Gp
                             path=_profile_path(cfg, model, gpu, profile)),
         solver=SolverInfo(name="ortools-cp-sat", policy=cfg.policy, status=sol.status,
                           objective_us=sol.period_us, gap=sol.objective_gap, solve_time_s=sol.solve_time_s),
-        nfsearch_version=nfsearch.__version__)
+        nfsearch_version=nfsearch.__version__, gather_tokens=sol.gather_granules * g)
     return Schedule(schema_version=1, metadata=meta, layer=layer,
                     partitions=tuple(ps.partition for ps in placed.streams), streams=streams,
                     nano_batches=nano_batches, dependencies=placed.dependencies, prediction=prediction)
@@ -289,7 +307,7 @@ def _display_path(p: str) -> str:
 
 def default_output(cfg: SolveConfig, model: ModelConfig, gpu: GpuSpec) -> Path:
     workload = cfg.workload.replace(":", "-")
-    suffix = "" if cfg.policy == "auto" else f"-{cfg.policy}"
+    suffix = ("" if cfg.policy == "auto" else f"-{cfg.policy}") + ("-gather" if cfg.gather_form else "")
     return REPO_ROOT / "schedules" / f"{model.name}-{gpu.name}-tp{cfg.tp}-{workload}{suffix}.yaml"
 
 

@@ -354,8 +354,9 @@ def shipped_profile_path(gpu_slug: str, model_name: str, tp: int,
 
 
 def default_profile_for(model: ModelConfig | str, gpu: GpuSpec | str, tp: int = 1,
-                        root: str | os.PathLike[str] | None = None) -> Profile:
-    """The shipped measured profile for (model, gpu, tp) if one exists, else the analytic one.
+                        root: str | os.PathLike[str] | None = None, gather: bool = False) -> Profile:
+    """The shipped measured profile for (model, gpu, tp) if one exists, else the analytic one
+    (`gather`: with the all-gather form's ops too).
 
     `meta.source` says which it is.
     """
@@ -366,7 +367,7 @@ def default_profile_for(model: ModelConfig | str, gpu: GpuSpec | str, tp: int = 
     g = resolve_gpu(gpu) if isinstance(gpu, str) else gpu
     path = shipped_profile_path(g.name, m.name, tp, root)
     if path is None:
-        return _analytic_cached(m, g, tp)
+        return _analytic_cached(m, g, tp, gather)
     prof = load_profile(path)
     got = (prof.meta.model, prof.meta.gpu, prof.meta.tp)
     if got != (m.name, g.name, tp):
@@ -376,10 +377,10 @@ def default_profile_for(model: ModelConfig | str, gpu: GpuSpec | str, tp: int = 
 
 
 @lru_cache(maxsize=8)
-def _analytic_cached(model: ModelConfig, gpu: GpuSpec, tp: int) -> Profile:
+def _analytic_cached(model: ModelConfig, gpu: GpuSpec, tp: int, gather: bool = False) -> Profile:
     from nfsearch.profile_analytic import analytic_profile  # it imports this module
 
-    return analytic_profile(model, gpu, tp)
+    return analytic_profile(model, gpu, tp, gather=gather)
 
 
 # -- grid, interpolation and canonical JSON helpers --------------------------------------------

@@ -60,8 +60,9 @@ def hbm_saturation_sms(num_sms: int) -> int:
 
 
 def analytic_profile(model: ModelConfig, gpu: GpuSpec, tp: int = 1, max_tokens: int = 4096,
-                     contexts: tuple[int, ...] = DEFAULT_CONTEXTS) -> Profile:
-    """A roofline profile of every layer and tail op of `model` on `gpu` (source "analytic")."""
+                     contexts: tuple[int, ...] = DEFAULT_CONTEXTS, gather: bool = False) -> Profile:
+    """A roofline profile of every layer and tail op of `model` on `gpu` (source "analytic");
+    `gather`: with the ops of the all-gather form of the attention output too (TP only)."""
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
         raise NfsearchError(f"analytic profile: tp must be a positive integer, got {tp!r}")
     ctx_grid = tuple(sorted(set(contexts)))
@@ -75,7 +76,7 @@ def analytic_profile(model: ModelConfig, gpu: GpuSpec, tp: int = 1, max_tokens: 
     peak, hbm, net = gpu.peak_flops, gpu.hbm_bytes_per_s, gpu.nvlink_bytes_per_s
 
     cols: dict[str, list] = {c: [] for c in LATENCY_COLUMNS}
-    ops = {op.name: op for op in (*layer_ops(model, tp), *tail_ops(model, tp))}
+    ops = {op.name: op for op in (*layer_ops(model, tp, gather), *tail_ops(model, tp))}
     for name, op in ops.items():
         # an op whose cost moves with context gets the context grid; others are profiled at 0
         probe = 64

@@ -178,3 +178,53 @@ def test_tp_must_divide() -> None:
         layer_ops(resolve_model("llama3-8b"), 3)
     with pytest.raises(NfsearchError, match="kv heads"):
         groups(resolve_model("tiny-llama"), 4)
+
+
+# ---- the all-gather form of the attention output (TP) ------------------------------------------
+
+@pytest.mark.parametrize("model,tp", [("llama3-70b", 4), ("mixtral-8x7b", 2), ("qwen2-72b", 8)])
+def test_gather_form_layer_graph(model, tp):
+    m = resolve_model(model)
+    rows = [(o.name, o.kind, o.group, o.token_class) for o in layer_ops(m, tp, gather=True)]
+    gather = [("attn_allgather", "network", "attn_allgather", "gather"),
+              ("o_proj_col", "compute", "o_proj_col", "gather"),
+              ("o_allgather", "network", "o_allgather", "gather")]
+    for row in gather + [("o_proj", "compute", "o_proj", "reduce"),
+                         ("attn_allreduce", "network", "attn_allreduce", "reduce")]:
+        assert row in rows
+    names = [r[0] for r in rows]
+    # the standard layer is unchanged apart from the classes of the two reduce-form ops
+    std = [(o.name, o.kind, o.group, o.token_class) for o in layer_ops(m, tp)]
+    assert [r for r in rows if r[0] not in {g[0] for g in gather}] == [
+        (n, k, g, "reduce" if n in ("o_proj", "attn_allreduce") else c) for n, k, g, c in std]
+    g = build_layer_graph(m, BatchComposition(2048, 320, 1728, 1261, 1540), tp, gather=True)
+    assert nx.is_directed_acyclic_graph(g)
+    assert set(g.predecessors("post_norm")) == {"attn_allreduce", "o_allgather"}
+    assert list(nx.topological_sort(g.subgraph(["attn_decode", "attn_allgather", "o_proj_col",
+                                                "o_allgather"]))) == \
+        ["attn_decode", "attn_allgather", "o_proj_col", "o_allgather"]
+    assert names.index("attn_allgather") < names.index("o_proj_col") < names.index("o_allgather")
+    grp = groups(m, tp, gather=True)
+    post = "moe_up" if m.is_moe else "ffn_up"
+    assert ("o_allgather", "token", False) in grp[post].deps
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_gather_form_moves_the_bytes_of_one_all_reduce(tp):
+    """Ring all-gather of the attention output plus the O output's all-gather: the same bytes on
+    NVLink as one ring all-reduce of hidden (q = hidden for llama), and the column O GEMM the same
+    FLOPs as the row-parallel one."""
+    m = resolve_model("llama3-70b")
+    ops = {o.name: o for o in layer_ops(m, tp, gather=True)}
+    t = random.randint(1, 4096)
+    ag = ops["attn_allgather"].cost(t).net_bytes + ops["o_allgather"].cost(t).net_bytes
+    assert ag == pytest.approx(ops["attn_allreduce"].cost(t).net_bytes)
+    assert ag == pytest.approx(2 * (tp - 1) / tp * t * m.hidden_size * 2)
+    assert ops["o_proj_col"].cost(t).flops == pytest.approx(ops["o_proj"].cost(t).flops)
+    q_full = m.num_heads * m.head_dim
+    assert ops["o_proj_col"].cost(t).flops == pytest.approx(2 * t * m.hidden_size * q_full / tp)
+
+
+def test_gather_form_needs_tp():
+    with pytest.raises(NfsearchError, match="all-gather form needs tp > 1"):
+        layer_ops(resolve_model("llama3-70b"), 1, gather=True)

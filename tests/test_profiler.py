@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import yaml
 
+import nfsearch
 from nfsearch.cli import main
 from nfsearch.errors import NfsearchError
 from nfsearch.gpus import partition_sizes, resolve_gpu
 from nfsearch.models import resolve_model
-from nfsearch.opgraph import layer_ops, op_tokens, tail_ops
-from nfsearch.profile import load_profile, shipped_profile_path
+from nfsearch.opgraph import GATHER_OPS, layer_ops, op_tokens, tail_ops
+from nfsearch.profile import Profile, load_profile, save_profile, shipped_profile_path
+from nfsearch.profiler.addops import add_ops, add_ops_grid, missing_ops
 from nfsearch.profiler.grid import (
     CORUN_KINDS,
     ProfileGrid,
@@ -24,11 +28,14 @@ from nfsearch.profiler.grid import (
     network_ops,
     op_points,
     profiled_ops,
+    profiles_gather,
     quick_grid,
     split_pairs,
+    sustained_points,
 )
 from nfsearch.profiler.plot import latency_spread, pr_curves
 from nfsearch.profiler.run import aggregate_interference, partial_path, run_profile
+from nfsearch.profiler.sustained import table_offset
 from nfsearch.workload import compose_batch, parse_workload
 
 
@@ -345,7 +352,8 @@ def test_tp_grid_has_network_ops_and_pairs() -> None:
         assert network_ops(m, tp) == ("attn_allreduce",) and network_ops(m, 1) == ()
         solo, co, _ = grid_point_count(m, tp, g)
         assert co == len(g.splits) * (len(comp) * len(mem) + len(comp) + len(mem))
-        assert solo == (grid_point_count(m, 1, g)[0] + 2 * len(g.tokens) * len(g.sms))
+        # two all-reduces and the all-gather form's three ops, each on the token grid and every SM size
+        assert solo == (grid_point_count(m, 1, g)[0] + 5 * len(g.tokens) * len(g.sms))
     # the kinds the interference table is keyed by are opgraph's
     kinds = {op.name: op.kind for op in layer_ops(resolve_model("mixtral"), 2) + layer_ops(
         resolve_model("llama3-8b"), 2)}
@@ -447,3 +455,241 @@ def test_profile_tp_relaunches_across_gpus(monkeypatch) -> None:
     # a degree that does not divide the heads fails before any process starts
     assert main(["profile", "--model", "llama3-70b", "--tp", "3"]) == 2
     assert calls == [4]
+
+
+# ---- the all-gather form's ops (attn_allgather, o_proj_col, o_allgather) ------------------------
+
+
+def test_tp_grid_profiles_the_gather_ops_like_o_proj_and_the_allreduce() -> None:
+    for grid in (quick_grid(132, 8, 8, 120), full_grid(132, 8, 8, 120)):
+        for name, tp in (("llama3-70b", 4), ("mixtral-8x7b", 2), ("tiny-llama", 2)):
+            m = resolve_model(name)
+            assert set(GATHER_OPS) <= set(profiled_ops(m, tp)) and profiles_gather(m, tp)
+            assert not set(GATHER_OPS) & set(profiled_ops(m, 1)) and not profiles_gather(m, 1)
+            pts = op_points(m, tp, grid)
+
+            def tokens(op: str, pts=pts) -> list[tuple[int, int]]:
+                return [(t, c) for o, t, c in pts if o == op]
+
+            assert tokens("o_proj_col") == tokens("o_proj")  # the GEMM grid where there is one
+            assert tokens("attn_allgather") == tokens("o_allgather") == tokens("attn_allreduce")
+            # o_proj_col in the sustained table, the collectives not; interference stays per kind
+            held = {o for o, _, _ in sustained_points(m, tp, grid)}
+            assert "o_proj_col" in held and not {"attn_allgather", "o_allgather"} & held
+            assert corun_sets(m, tp) == [(interference_ops(m, tp)), (sum(interference_ops(m, tp), ()),
+                                                                     ("attn_allreduce",))]
+            assert grid_point_count(m, tp, grid)[2] == len(held) * len(grid.sustained_tokens) * len(
+                grid.sustained_sms)
+
+
+def _tp2_profile(tmp_path, seed: int, name: str = "tiny-llama"):
+    grid = replace(quick_grid(132, 8, 8, 120), sustained_sms=(32, 64, 96, 132), sustained_tokens=(256, 1024))
+    t = FakeTimer(seed)
+    t.nvlink_gbps = 350.0
+    prof = run_profile(timer=t, out=tmp_path / "full.json", **_args(name, grid, tp=2))
+    return prof, grid, t
+
+
+def test_tp2_profile_holds_the_gather_ops(tmp_path) -> None:
+    prof, grid, t = _tp2_profile(tmp_path, random.randrange(1 << 30))
+    assert set(prof.ops()) == set(profiled_ops(resolve_model("tiny-llama"), 2))
+    for op in GATHER_OPS:
+        assert prof.token_grid(op) == prof.token_grid("o_proj") == grid.tokens
+        assert prof.context_grid(op) == (0,) and prof.sm_grid() == grid.sms
+        s = random.choice(grid.sms)
+        assert prof.latency_us(op, 1024, 0, s, sustained=False) == pytest.approx(
+            t.latency(op, 1024, 0, s), abs=1e-4)
+    held = {o for o, _, _ in sustained_points(resolve_model("tiny-llama"), 2, grid)}
+    assert set(prof.sustained["op"]) == held
+    col = prof.sustained[prof.sustained["op"] == "o_proj_col"]
+    assert len(col) == len(grid.sustained_tokens) * len(grid.sustained_sms)
+    kinds = set(zip(prof.interference["kind"], prof.interference["other_kind"], strict=True))
+    assert kinds == {("compute", "memory"), ("memory", "compute"), ("compute", "network"),
+                     ("network", "compute"), ("memory", "network"), ("network", "memory")}
+    # the solver's lookups of the gather form, every 64-token granule of the dense batch
+    for op in GATHER_OPS:
+        for n in range(1, 2048 // 64 + 1):
+            assert prof.latency_us(op, n * 64, 0, 120) > 0
+
+
+def _without(prof, ops):
+    """`prof` without the rows of `ops` (a profile made before they existed)."""
+    lat, sus = prof.latency, prof.sustained
+    return Profile(prof.meta, lat[~lat["op"].isin(ops)], prof.interference, sus[~sus["op"].isin(ops)])
+
+
+def _rows(path, table: str) -> list[str]:
+    return [json.dumps(r) for r in json.loads(path.read_text())["tables"][table]["data"]]
+
+
+def test_add_ops_adds_exactly_the_missing_rows(tmp_path) -> None:
+    seed = random.randrange(1 << 30)
+    model = resolve_model("tiny-llama")
+    full, grid, _ = _tp2_profile(tmp_path, seed)
+    old = _without(full, GATHER_OPS)
+    save_profile(old, tmp_path / "old.json")
+    assert missing_ops(old, model, 2) == GATHER_OPS
+    g = add_ops_grid(old, model, 2, quick_grid(132, 8, 8, 120))
+    assert g.sms == old.sm_grid() and g.tokens == old.token_grid("o_proj") and g.gemm_tokens == ()
+    assert (g.sustained_sms, g.sustained_tokens) == (grid.sustained_sms, grid.sustained_tokens)
+    t = FakeTimer(seed)
+    bars = []
+
+    class Bar:
+        def __init__(self, total, done):
+            self.total, self.n = total, done
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    out = tmp_path / "new.json"
+    new = add_ops(old, model, 2, g, t, out, progress=Bar)
+    assert load_profile(out) == new
+    assert sorted(t.solo_calls) == list(grid.sms) and t.solo_calls[0] == 132  # all SMs first
+    assert sorted(t.sustained_calls) == list(grid.sustained_sms) and t.corun_calls == []
+    assert len(bars) == 1 and bars[0].n == bars[0].total == (
+        3 * len(grid.tokens) * len(grid.sms) + len(grid.sustained_tokens) * len(grid.sustained_sms))
+    # exactly the missing rows were added; every old row is saved byte for byte, in order
+    for table in ("latency", "sustained"):
+        was, now = _rows(tmp_path / "old.json", table), _rows(out, table)
+        kept = [r for r in now if json.loads(r)[0] not in GATHER_OPS]
+        assert kept == was
+        added = {json.loads(r)[0] for r in now if r not in set(was)}
+        assert added == (set(GATHER_OPS) if table == "latency" else {"o_proj_col"})
+    assert new.interference.equals(old.interference) and new.hash != old.hash
+    assert new.meta.notes.startswith(old.meta.notes + " | added ops: attn_allgather, o_proj_col")
+    assert replace(new.meta, notes="") == replace(old.meta, notes="")
+    # the deterministic fake timer gives the added points the values a full profile has
+    assert new.latency.equals(full.latency)
+    col_new = new.sustained[new.sustained["op"] == "o_proj_col"].reset_index(drop=True)
+    col_full = full.sustained[full.sustained["op"] == "o_proj_col"].reset_index(drop=True)
+    assert col_new[["tokens", "num_sms"]].equals(col_full[["tokens", "num_sms"]])
+    assert col_new["factor"].to_numpy() == pytest.approx(col_full["factor"].to_numpy(), abs=2e-4)
+    # nothing left to add; a profile of another run is refused
+    with pytest.raises(NfsearchError, match="already has every layer op of tiny-llama tp 2"):
+        add_ops(new, model, 2, g, FakeTimer(seed), tmp_path / "x.json")
+    with pytest.raises(NfsearchError, match="profile is measured tiny-llama tp 2 on 132 SMs; this run is "
+                                            "tiny-llama tp 4"):
+        add_ops(old, model, 4, g, FakeTimer(seed), tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_add_ops_without_a_sustained_table_adds_latency_rows_only(tmp_path) -> None:
+    seed = random.randrange(1 << 30)
+    model = resolve_model("tiny-mixtral")
+    full, _, _ = _tp2_profile(tmp_path, seed, "tiny-mixtral")
+    old = Profile(full.meta, full.latency[~full.latency["op"].isin(GATHER_OPS)], full.interference)
+    g = add_ops_grid(old, model, 2, quick_grid(132, 8, 8, 120))
+    assert g.sustained_sms == () and g.sustained_tokens == ()
+    t = FakeTimer(seed)
+    new = add_ops(old, model, 2, g, t, tmp_path / "new.json")
+    assert not new.has_sustained and t.sustained_calls == []
+    assert new.latency.equals(full.latency)
+    # a non-leader rank measures the same points and writes nothing
+    rank1 = FakeTimer(seed)
+    add_ops(old, model, 2, g, rank1, tmp_path / "rank1.json", leader=False)
+    assert rank1.solo_calls == t.solo_calls and not (tmp_path / "rank1.json").exists()
+
+
+class _ClockedTimer(FakeTimer):
+    """A FakeTimer that also reports an SM clock per point, as the GPU timer does."""
+
+    def solo(self, num_sms, points, tick):
+        return [(x, 1700.0 + num_sms) for x in super().solo(num_sms, points, tick)]
+
+
+def _schedule_profile_hashes() -> dict[str, set[str]]:
+    root = Path(nfsearch.__file__).resolve().parents[1]
+    out: dict[str, set[str]] = {}
+    for path in (root / "schedules").glob("*.yaml"):
+        prof = (yaml.safe_load(path.read_text()).get("metadata") or {}).get("profile") or {}
+        if prof.get("path"):
+            out.setdefault(prof["path"], set()).add(prof["hash"])
+    return out
+
+
+def test_shipped_tp_profiles_load_unchanged_and_take_the_gather_ops(tmp_path) -> None:
+    root = Path(nfsearch.__file__).resolve().parents[1]
+    paths = sorted(p for p in (root / "profiles").glob("*/*-tp*.json") if not p.stem.endswith("-tp1"))
+    assert paths, "no shipped TP profile"
+    hashes = _schedule_profile_hashes()
+    for path in paths:
+        prof = load_profile(path)
+        assert prof.canonical_bytes() == path.read_bytes()  # validates and saves back byte for byte
+        rel = str(path.relative_to(root))
+        if rel in hashes:
+            assert hashes[rel] == {prof.hash}, rel  # the schedules solved on it still name it
+        model = resolve_model(prof.meta.model)
+        assert missing_ops(prof, model, prof.meta.tp) == GATHER_OPS
+        g = add_ops_grid(prof, model, prof.meta.tp, quick_grid(132, 8, 8, 120))
+        t = _ClockedTimer(random.randrange(1 << 30))
+        t.scale.update({op: 1.0 for op in profiled_ops(model, prof.meta.tp)})
+        out = tmp_path / path.name
+        new = add_ops(prof, model, prof.meta.tp, g, t, out)
+        for table in ("latency", "sustained"):  # every old row saved byte for byte, in order
+            kept = [r for r in _rows(out, table) if json.loads(r)[0] not in GATHER_OPS]
+            assert kept == _rows(path, table), (path, table)
+        for op in GATHER_OPS:
+            assert new.token_grid(op) == prof.token_grid("o_proj") and new.sm_grid() == prof.sm_grid()
+        assert new.has_clocks and (new.latency["sm_clock_mhz"] > 0).all()
+        # o_proj_col's factors follow the table's rule: equal on the partitions, times its offset on all SMs
+        col = new.sustained[new.sustained["op"] == "o_proj_col"]
+        full = col[col["num_sms"] == 132]["factor"].to_numpy()
+        part = col[col["num_sms"] < 132].groupby("tokens")["factor"].agg(["min", "max"])
+        assert (part["min"] == part["max"]).all()
+        assert full == pytest.approx(part["min"].to_numpy() * table_offset(prof.sustained), abs=1e-4)
+
+
+def test_add_ops_command_under_tp(tmp_path, monkeypatch, capsys) -> None:
+    """`nfsearch profile --tp 2 --add-ops`, as each torchrun rank runs it (no GPU here: CUDA, the
+    TP group and the timer are faked): rank 0 reads --profile and writes --out, rank 1 measures the
+    same points and writes nothing."""
+    import sys
+    import types
+
+    torch = pytest.importorskip("torch")
+    import nfrt.tp
+
+    import nfsearch.launch
+
+    seed = random.randrange(1 << 30)
+    full, _, _ = _tp2_profile(tmp_path, seed)
+    old = tmp_path / "old.json"
+    save_profile(_without(full, GATHER_OPS), old)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=0: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d=0: types.SimpleNamespace(multi_processor_count=132, major=9))
+    monkeypatch.setattr(nfsearch.launch, "relaunch", lambda tp, argv=None: None)  # inside torchrun
+    timers: list[FakeTimer] = []
+
+    def fake_timer(model, tp, grid, device=0, group=None):
+        assert tp == 2 and group is not None and grid.tokens == full.token_grid("o_proj")
+        timers.append(FakeTimer(seed))
+        return timers[-1]
+
+    monkeypatch.setitem(sys.modules, "nfsearch.profiler.measure", types.SimpleNamespace(GpuTimer=fake_timer))
+    out = tmp_path / "new.json"
+    argv = ["profile", "--model", "tiny-llama", "--tp", "2", "--quick", "--add-ops", "--profile", str(old),
+            "--out", str(out)]
+    for rank in (1, 0):
+        group = types.SimpleNamespace(rank=rank, size=2, device=types.SimpleNamespace(index=rank),
+                                      close=lambda: None, barrier=lambda: None)
+        monkeypatch.setattr(nfrt.tp.TPGroup, "from_env", staticmethod(lambda kind, g=group: g))
+        assert main(argv) == 0
+        assert out.exists() == (rank == 0)
+    assert timers[0].solo_calls == timers[1].solo_calls == sorted(full.sm_grid(), reverse=True)
+    said = capsys.readouterr().out
+    assert said.count("wrote ") == 1 and "of attn_allgather, o_proj_col, o_allgather" in said
+    new = load_profile(out)
+    assert new.latency.equals(full.latency) and _rows(old, "interference") == _rows(out, "interference")
+    # again: nothing to add, a one-line error before any timer is built
+    assert main(argv[:-4] + ["--profile", str(out)]) == 2
+    assert "already has every layer op" in capsys.readouterr().err and len(timers) == 2
+    assert main(argv + ["--add-sustained"]) == 2
+    assert "--add-ops does not combine with --add-sustained" in capsys.readouterr().err

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from nfsearch.models import resolve_model  # noqa: E402
+from nfsearch.opgraph import GATHER_OPS  # noqa: E402
 from nfsearch.profile import load_profile  # noqa: E402
 from nfsearch.profiler.grid import ProfileGrid, op_points, profiled_ops  # noqa: E402
 from nfsearch.profiler.run import partial_path, run_profile  # noqa: E402
@@ -94,33 +99,87 @@ def test_timer_refuses_tp_without_a_group() -> None:
         GpuTimer(resolve_model("tiny-llama"), 2, _tiny_grid())
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-def test_tp2_profile_end_to_end(tmp_path) -> None:
-    """`nfsearch profile --tp 2` re-runs itself as two processes; rank 0 writes a profile with the
-    network ops, the network interference pairs and a measured NVLink bandwidth."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def _nfsearch(*args: str) -> subprocess.CompletedProcess:
+    """`python -m nfsearch ARGS` in a fresh process (--tp N re-runs itself under torchrun)."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "runtime"), str(root),
                                                        os.environ.get("PYTHONPATH", "")]))
-    out = tmp_path / "tiny-llama-tp2.json"
-    cmd = [sys.executable, "-m", "nfsearch", "profile", "--model", "tiny-llama", "--tp", "2", "--quick",
-           "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "nfsearch", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+
+@pytest.fixture(scope="module")
+def tp2_profile(tmp_path_factory) -> Path:
+    """A quick-grid TP-2 profile of tiny-llama, made by `nfsearch profile --tp 2` (rank 0 writes)."""
+    out = tmp_path_factory.mktemp("tp2") / "tiny-llama-tp2.json"
+    proc = _nfsearch("profile", "--model", "tiny-llama", "--tp", "2", "--quick", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("wrote ") == 1  # rank 0 alone reports (and writes)
-    prof = load_profile(out)
-    assert prof.meta.tp == 2 and not partial_path(out).exists()
-    assert set(prof.ops()) == set(profiled_ops(resolve_model("tiny-llama"), 2))
-    for op in ("attn_allreduce", "mlp_allreduce"):
+    assert not partial_path(out).exists()
+    return out
+
+
+@two_gpus
+def test_tp2_profile_end_to_end(tp2_profile: Path) -> None:
+    """`nfsearch profile --tp 2` re-runs itself as two processes; rank 0 writes a profile with the
+    network ops, the all-gather form's ops, the network interference pairs and a measured NVLink
+    bandwidth."""
+    prof = load_profile(tp2_profile)
+    assert prof.meta.tp == 2
+    assert set(prof.ops()) == set(profiled_ops(resolve_model("tiny-llama"), 2)) >= set(GATHER_OPS)
+    for op in ("attn_allreduce", "mlp_allreduce", *GATHER_OPS):
         for s in prof.sm_grid():
             us = prof.latency_us(op, 1024, 0, s)
-            assert 1.0 < us < 10_000.0
+            assert 1.0 < us < 10_000.0, (op, s, us)
+    assert "o_proj_col" in set(prof.sustained["op"])
     kinds = set(zip(prof.interference["kind"], prof.interference["other_kind"], strict=True))
     assert {("network", "compute"), ("compute", "network"), ("network", "memory"),
             ("memory", "network")} <= kinds
     assert 10.0 < prof.meta.nvlink_gbps < 2000.0 and "nvlink_gbps is measured" in prof.meta.notes
 
+
+@two_gpus
+def test_tp2_add_ops_end_to_end(tp2_profile: Path, tmp_path) -> None:
+    """`nfsearch profile --tp 2 --add-ops` on a profile without the all-gather form's ops (the TP-2
+    profile above with their rows dropped) adds exactly them, keeps every other saved row byte for
+    byte, and times them like the full run did (a gather op that ran on no tokens would take well
+    under a microsecond per launch)."""
+    import json
+
+    from nfsearch.profile import Profile, save_profile
+
+    full = load_profile(tp2_profile)
+    lat, sus = full.latency, full.sustained
+    old = tmp_path / "old.json"
+    save_profile(Profile(full.meta, lat[~lat["op"].isin(GATHER_OPS)], full.interference,
+                         sus[~sus["op"].isin(GATHER_OPS)]), old)
+    out = tmp_path / "new.json"
+    proc = _nfsearch("profile", "--model", "tiny-llama", "--tp", "2", "--quick", "--add-ops", "--profile",
+                     str(old), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("wrote ") == 1
+    new = load_profile(out)
+
+    def rows(path: Path, table: str) -> list[str]:
+        return [json.dumps(r) for r in json.loads(path.read_text())["tables"][table]["data"]]
+
+    for table in ("latency", "interference", "sustained"):
+        now = rows(out, table)
+        assert [r for r in now if json.loads(r)[0] not in GATHER_OPS] == rows(old, table), table
+    assert set(new.ops()) == set(full.ops())
+    assert len(new.latency) == len(full.latency) and len(new.sustained) == len(full.sustained)
+    assert new.sustained[new.sustained["op"] == "o_proj_col"]["factor"].between(0.75, 2.0).all()
+    for op in GATHER_OPS:
+        assert new.token_grid(op) == full.token_grid("o_proj") and new.sm_grid() == full.sm_grid()
+        for s in new.sm_grid():
+            us = new.latency_us(op, 1024, 0, s, sustained=False)
+            assert 1.0 < us < 10_000.0, (op, s, us)
+            # the same measurement as the full run's, within run-to-run noise of tiny ops
+            assert 0.33 < us / full.latency_us(op, 1024, 0, s, sustained=False) < 3.0, (op, s)
+    # a second --add-ops finds nothing to add
+    again = _nfsearch("profile", "--model", "tiny-llama", "--tp", "2", "--quick", "--add-ops", "--profile",
+                      str(out))
+    assert again.returncode != 0 and "already has every layer op" in again.stderr

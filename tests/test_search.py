@@ -58,8 +58,7 @@ def _scale(rng, c):
 def with_scales(rng, pb, names):
     """`pb` with a random position scale on the ops `names`."""
     def cls(o):
-        lo, hi = {"all": (0, pb.num_granules), "decode": (0, pb.decode_granules),
-                  "prefill": (pb.decode_granules, pb.num_granules)}[o.token_class]
+        lo, hi = _crange(pb, o.token_class)
         return hi - lo
 
     return dataclasses.replace(pb, ops=tuple(dataclasses.replace(o, scale=_scale(rng, cls(o)))
@@ -68,11 +67,17 @@ def with_scales(rng, pb, names):
 
 # ---- independent brute force ------------------------------------------------------------------
 
+def _crange(pb, token_class):
+    """[lo, hi) granules of a class (problem.py): decode first; gather = [0, gather_granules)."""
+    return {"all": (0, pb.num_granules), "decode": (0, pb.decode_granules),
+            "prefill": (pb.decode_granules, pb.num_granules), "gather": (0, pb.gather_granules),
+            "reduce": (pb.gather_granules, pb.num_granules)}[token_class]
+
+
 def _cost(pb, o, granules, j):
     """Solo latency of op o on dense granules [start, end) on sm_options[j], per problem.py: its
     own-class granules [a, a + n) of the class, latency_us[n][j] * scale[a][n]."""
-    lo, hi = {"all": (0, pb.num_granules), "decode": (0, pb.decode_granules),
-              "prefill": (pb.decode_granules, pb.num_granules)}[o.token_class]
+    lo, hi = _crange(pb, o.token_class)
     own = [x for x in range(*granules) if lo <= x < hi]
     n = len(own)
     a = own[0] - lo if own else (0 if granules[1] <= lo else hi - lo)
@@ -83,8 +88,7 @@ def _pieces(pb, k, bounds, splits):
     """name -> (op, dense granule range, own-class granules)."""
     out = {}
     for o in pb.ops:
-        lo, hi = {"all": (0, pb.num_granules), "decode": (0, pb.decode_granules),
-                  "prefill": (pb.decode_granules, pb.num_granules)}[o.token_class]
+        lo, hi = _crange(pb, o.token_class)
         p = splits[o.name]
         for i in range(p):
             a, c = bounds[i * k // p], bounds[(i + 1) * k // p]
@@ -134,14 +138,21 @@ def _orders(names, deps):
             yield perm
 
 
-def brute_stage1(pb):
+def brute_stage1(pb, forms=None):
+    """Least period over K, boundaries, splits, stream orders and, with form classes, the form
+    boundary F: one of the nano-batch boundaries, or only the values `forms` (those that are
+    boundaries)."""
     best = float("inf")
     g = pb.num_granules
+    has_forms = any(o.token_class in ("gather", "reduce") for o in pb.ops)
     for k in range(1, pb.max_nano_batches + 1):
         opts = [p for p in pb.split_options if k % p == 0]
         for inner in itertools.combinations(range(1, g), k - 1):
             bounds = (0, *inner, g)
-            for choice in itertools.product(opts, repeat=len(pb.ops)):
+            fs = [b for b in bounds if forms is None or b in forms] if has_forms else [pb.gather_granules]
+            for f, choice in itertools.product(fs,
+                                               itertools.product(opts, repeat=len(pb.ops))):
+                pb = dataclasses.replace(pb, gather_granules=f)
                 splits = dict(zip((o.name for o in pb.ops), choice, strict=True))
                 pieces = _pieces(pb, k, bounds, splits)
                 deps = _deps(pb, pieces)
@@ -271,6 +282,57 @@ def test_stage1_matches_brute_force():
         assert milp / 100 == pytest.approx(brute_stage1(pb), abs=0.011)
 
 
+def tiny_forms(rng, g=3, f=0, **kw):
+    """A TP-like layer whose attention output has two forms [S1.form]: gather (all-gather, column O)
+    on the granules below F, reduce (all-reduce) on the rest; F chosen by the search."""
+    ops = (
+        StageOp("qkv", "compute", "all", ("qkv_proj",),
+                (Dep("ar", prev_layer=True), Dep("col", prev_layer=True)), _table(rng, g, "compute")),
+        StageOp("ag", "network", "gather", ("attn_allgather",), (Dep("qkv"),), _table(rng, g, "memory")),
+        StageOp("col", "compute", "gather", ("o_proj_col",), (Dep("ag"),), _table(rng, g, "compute")),
+        StageOp("ar", "network", "reduce", ("attn_allreduce",), (Dep("qkv"),), _table(rng, g, "memory")),
+    )
+    kw.setdefault("max_nano_batches", 2)
+    kw.setdefault("split_options", (1, 2))
+    return SearchProblem(ops, g, 16, 0, 4, SMS, {}, num_layers=3, tail_us=5.0, time_limit_s=30.0,
+                         gather_granules=f, **kw)
+
+
+def test_stage1_chooses_the_form_boundary_optimally():
+    rng = np.random.default_rng()
+    for _ in range(3):
+        pb = tiny_forms(rng)
+        results = [solve_stage1(pb, k, 20) for k in (1, 2)]
+        best = min((r for r in results if r.ok), key=lambda r: r.period_units)
+        assert best.period_units / 100 == pytest.approx(brute_stage1(pb), abs=0.011)
+        f = best.structure.gather_granules
+        assert f in best.structure.boundaries  # a nano-batch boundary: whole nano-batches per form
+        # never worse than the all-reduce layer alone (F = 0), nor than all tokens gathered (F = G)
+        assert best.period_units / 100 <= brute_stage1(pb, forms=(0,)) + 0.011
+        assert best.period_units / 100 <= brute_stage1(pb, forms=(pb.num_granules,)) + 0.011
+
+
+def test_solve_with_forms_names_the_boundary_and_prices_both_forms():
+    rng = np.random.default_rng()
+    pb = dataclasses.replace(tiny_forms(rng, g=4), time_limit_s=4.0)
+    # a gather form ten times dearer than the reduce form: the search keeps every token in reduce
+    dear = dataclasses.replace(pb, ops=tuple(
+        dataclasses.replace(o, latency_us=tuple(tuple(10 * v for v in r) for r in o.latency_us))
+        if o.token_class == "gather" else o for o in pb.ops))
+    sol = solve(dear)
+    assert sol.gather_granules == 0
+    assert not any(n.op in ("ag", "col") for n in sol.nano_ops)
+    # and ten times cheaper: every token takes the gather form, and no reduce-form nano-op runs
+    cheap = dataclasses.replace(pb, ops=tuple(
+        dataclasses.replace(o, latency_us=tuple(tuple(10 * v for v in r) for r in o.latency_us))
+        if o.token_class == "reduce" else o for o in pb.ops))
+    sol = solve(cheap)
+    assert sol.gather_granules == pb.num_granules
+    assert not any(n.op == "ar" for n in sol.nano_ops)
+    assert {n.op for n in sol.nano_ops} == {"qkv", "ag", "col"}
+    assert "all-gather form" in sol.message
+
+
 @pytest.mark.parametrize("sms", [(1, 3, 4), (2, 4)])
 def test_stage2_matches_brute_force_without_interference(sms):
     rng = np.random.default_rng()
@@ -305,8 +367,7 @@ def test_stage2_with_interference_is_bracketed_and_consistent():
 
 def _latency_row(pb, n):
     op = next(o for o in pb.ops if o.name == n.op)
-    lo, hi = {"all": (0, pb.num_granules), "decode": (0, pb.decode_granules),
-              "prefill": (pb.decode_granules, pb.num_granules)}[op.token_class]
+    lo, hi = _crange(pb, op.token_class)
     return op.latency_us[max(0, min(n.granules[1], hi) - max(n.granules[0], lo))]
 
 

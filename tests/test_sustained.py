@@ -83,10 +83,10 @@ def test_the_profiling_loop_measures_the_table_and_latencies_use_it(tmp_path) ->
     assert sorted(timer.sustained_calls) == sorted(grid.sustained_sms)
     pts = sustained_points(resolve_model("tiny-llama"), 1, grid)
     assert {op for op, _, _ in pts} == {op.name for op in layer_ops(resolve_model("tiny-llama"), 1)}
-    # under TP every layer op but the collectives
+    # under TP every layer op but the collectives, the all-gather form's o_proj_col included
     tp2 = {op for op, _, _ in sustained_points(resolve_model("tiny-llama"), 2, grid)}
-    assert tp2 == {op.name for op in layer_ops(resolve_model("tiny-llama"), 2)} - {"attn_allreduce",
-                                                                                   "mlp_allreduce"}
+    assert tp2 == {op.name for op in layer_ops(resolve_model("tiny-llama"), 2, gather=True)} - {
+        "attn_allreduce", "mlp_allreduce", "attn_allgather", "o_allgather"}
     assert len(prof.sustained) == len(pts) * len(grid.sustained_sms)
     # stored: on the partitions the median of their measured factors; on all SMs that times the
     # profile's all-SM offset, which for this timer's SM-only factor gives back its all-SM value

@@ -148,3 +148,85 @@ def test_tp2_equals_one_process(name, tp2_schedules, tmp_path):
     assert got["nano"].shape == ref.shape == (ref.shape[0], schedule.metadata.model_config.vocab_size)
     close(got["nano"], ref)
     close(got["sequential"], ref)
+
+
+# ---- the all-gather form of the attention output (FORMS.md) ----------------------------------------
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])
+def test_o_proj_col_shards_reassemble_the_full_o_proj(name):
+    """Each rank's o_proj_col is its H/tp rows of the full o_proj (all q columns): stacked in rank
+    order they are the full o_proj, and the random shards equal the shards of the random weights."""
+    config = tiny_config(name)
+    seed, tp = random.randrange(1000), 2
+    full = random_weights(config, seed=seed)
+    shards = [shard_weights(full, config, r, tp, gather_form=True) for r in range(tp)]
+    rows = config.hidden_size // tp
+    for n in range(config.num_layers):
+        key = f"layers.{n}.o_proj_col"
+        assert all(s[key].shape == (rows, config.num_heads * config.head_dim) for s in shards)
+        assert torch.equal(torch.cat([s[key] for s in shards]), full[f"layers.{n}.o_proj"])
+        x = torch.randn(3, config.q_size)  # the column-parallel product: rank r's slice of x @ o_proj.T
+        close(torch.cat([x @ s[key].t() for s in shards], 1), x @ full[f"layers.{n}.o_proj"].t())
+    for r in range(tp):
+        a = random_shard_weights(config, r, tp, seed=seed, gather_form=True)
+        assert a.keys() == shards[r].keys()
+        assert all(torch.equal(a[k], shards[r][k]) for k in a)
+    assert not any(k.endswith("o_proj_col") for k in random_shard_weights(config, 0, tp, seed=seed))
+    with pytest.raises(ConfigError, match="all-gather form needs tp > 1"):
+        random_shard_weights(config, 0, 1, gather_form=True)
+
+
+def test_gather_ops_at_tp1_raise():
+    from nfrt.batch import BatchBuffers, BatchShape, make_batch
+    from nfrt.config import BatchComposition
+    from nfrt.kvcache import KVCache
+    from nfrt.model import Model
+
+    config = tiny_config("tiny-llama")
+    w = random_weights(config, seed=random.randrange(1000))
+    w["layers.0.o_proj_col"] = w["layers.0.o_proj"]  # weights alone do not make tp 1 gather
+    model = Model(config, w, max_tokens=8, kv_cache=KVCache.for_model(config, 8, "cpu", torch.float32))
+    assert not model.gather_form and not hasattr(model, "gather_attn")  # no buffers allocated
+    batch = make_batch(BatchComposition(8, 8, 0, 4, 0), config.vocab_size, seed=1)
+    buffers = BatchBuffers(BatchShape.of(batch, model.kv.page_size), model.device)
+    buffers.prepare(batch, model.kv.allocator)
+    model.bind(buffers)
+    for op in ("attn_allgather", "o_proj_col", "o_allgather"):
+        with pytest.raises(NfrtError, match=f"op {op} of the all-gather form cannot run: tp is 1"):
+            model.run_op(0, op, 0, 8)
+
+
+def _gather_schedule_file(name: str, gather_tokens: int, folder: Path) -> Path:
+    from gather_util import gather_schedule
+    from nfrt.config import BatchComposition
+
+    batch = BatchComposition(96, 64, 32, 40, 32)  # nano-batches [0, 48) decode, [48, 96) mixed
+    s = gather_schedule(tiny_config(name), batch, (0, 48, 96), gather_tokens)
+    return save_schedule(s, folder / f"{name}-g{gather_tokens}.yaml")
+
+
+GATHER_CASES = [("tiny-llama", 48), ("tiny-llama", 96), ("tiny-mixtral", 48), ("tiny-mixtral", 96)]
+
+
+@pytest.mark.parametrize("name,gather_tokens", GATHER_CASES, ids=[f"{n}-g{g}" for n, g in GATHER_CASES])
+def test_tp2_gather_form_equals_one_process(name, gather_tokens, tmp_path):
+    """A TP-2 schedule whose first nano-batch (or both) runs the attention output in the all-gather
+    form (attn_allgather -> o_proj_col -> o_allgather) gives the logits one process gives with the
+    whole weights; its sequential twin (the reduce form, same model and buffers) too."""
+    path = _gather_schedule_file(name, gather_tokens, tmp_path)
+    seed, batch_seed = random.randrange(10_000), random.randrange(10_000)
+    out = tmp_path / "logits.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
+           "--schedule", str(path), "--out", str(out), "--seed", str(seed), "--batch-seed", str(batch_seed)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = torch.load(out)
+    schedule = load_schedule(path)
+    assert schedule.metadata.gather_tokens == gather_tokens
+    ref_engine = Engine.from_schedule(single_gpu_reference(schedule), device="cpu",
+                                      weights=random_weights(schedule.metadata.model_config, seed=seed))
+    ref = ref_engine.run(ref_engine.synthetic_batch(seed=batch_seed))
+    assert got["nano"].shape == ref.shape == (ref.shape[0], schedule.metadata.model_config.vocab_size)
+    close(got["nano"], ref)
+    close(got["sequential"], ref)

@@ -100,3 +100,64 @@ def test_tp_equals_one_gpu(model, tp, tmp_path, monkeypatch):
     assert (got["graph"] - got["nano"]).abs().max().item() <= rtol / 3 * scale
     del ref_engine
     torch.cuda.empty_cache()
+
+
+# ---- the all-gather form of the attention output (FORMS.md) ----------------------------------------
+
+GATHER_CASES = [("tiny-llama", 2, 128), ("mixtral-8x7b", 2, 128), ("llama3-70b", 4, 128),
+                ("llama3-70b", 2, 256)]
+
+
+@pytest.mark.parametrize("model,tp,gather_tokens", GATHER_CASES,
+                         ids=[f"{m}-tp{t}-g{g}" for m, t, g in GATHER_CASES])
+def test_tp_gather_form_equals_one_gpu(model, tp, gather_tokens, tmp_path, monkeypatch):
+    """A hand-built two-stream schedule (compute + a 16-SM network partition) whose nano-batches up
+    to `gather_tokens` run attn_allgather -> o_proj_col -> o_allgather: eager, its sequential twin
+    (the reduce form on the same model) and the CUDA-graph replay equal one GPU."""
+    if _gpus() < tp:
+        pytest.skip(f"needs {tp} GPUs")
+    from dataclasses import replace
+
+    from gather_util import gather_schedule
+    from nfrt.config import BatchComposition
+
+    from nfsearch.models import resolve_model
+
+    layers = 2
+    config = resolve_model(model)
+    config = replace(config, num_layers=min(layers, config.num_layers))
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch = BatchComposition(256, 192, 64, 100, 32)  # nano-batches [0, 128) decode, [128, 256) mixed
+    schedule = gather_schedule(config, batch, (0, 128, 256), gather_tokens, tp=tp, num_sms=num_sms)
+    path = save_schedule(schedule, tmp_path / f"{model}-tp{tp}-g{gather_tokens}.yaml")
+    seed, batch_seed = random.randrange(10_000), random.randrange(10_000)
+    out = tmp_path / "logits.pt"
+    moe = config.is_moe
+    env = dict(os.environ, **NO_MULTICAST_ENV, OMP_NUM_THREADS="4")
+    if moe:
+        import nfrt.kernels
+
+        env["NFRT_KERNELS"] = "reference"
+        monkeypatch.setattr(nfrt.kernels, "_triton", {})
+    rtol = RTOL_FP32 if moe else RTOL
+    dtype = torch.float32 if moe else torch.bfloat16
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
+           str(WORKER), "--schedule", str(path), "--out", str(out), "--device", "cuda", "--seed", str(seed),
+           "--batch-seed", str(batch_seed), "--dtype", "float32" if moe else "default"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    got = torch.load(out)
+    ref_engine = Engine.from_schedule(single_gpu_reference(schedule), device="cuda:0",
+                                      weights=random_weights(config, seed=seed, device="cuda:0", dtype=dtype),
+                                      dtype=dtype)
+    ref = ref_engine.run(ref_engine.synthetic_batch(seed=batch_seed)).cpu()
+    scale = ref.abs().max().item()
+    assert torch.isfinite(ref).all() and scale > 0
+    for key in ("nano", "sequential", "graph"):
+        assert got[key].shape == ref.shape, key
+        assert torch.isfinite(got[key]).all(), key
+        err = (got[key] - ref).abs().max().item()
+        assert err <= rtol * scale, f"{model} tp{tp} g{gather_tokens} {key}: max error {err} vs scale {scale}"
+    assert (got["graph"] - got["nano"]).abs().max().item() <= rtol / 3 * scale
+    del ref_engine
+    torch.cuda.empty_cache()

@@ -6,7 +6,8 @@ CUDA GPU is known to be there.
 
 `--tp N` (N > 1) re-runs the command as N processes, one per GPU (`nfsearch.launch.relaunch`);
 each rank times its shard of the model and the collectives between them, in lockstep, and rank 0
-writes the profile (nfsearch.profiler.run).
+writes the profile (nfsearch.profiler.run). `--add-sustained` and `--add-ops` extend an existing
+profile (nfsearch.profiler.sustained, nfsearch.profiler.addops) the same way, rank 0 writing.
 """
 
 from __future__ import annotations
@@ -39,13 +40,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="measure only the sustained-clock table (each layer op timed between heater GEMMs, "
                         "at the power-limited clock) and write the existing profile at --out / the default "
                         "path with it")
+    p.add_argument("--add-ops", action="store_true",
+                   help="measure only the layer ops the existing profile (--profile, else --out / the "
+                        "default path) lacks, e.g. the all-gather form's attn_allgather, o_proj_col and "
+                        "o_allgather under --tp, on its own SM and token grids (and its sustained table), "
+                        "and write it with them added at --out (default: the file read); every other row "
+                        "is kept")
     p.add_argument("--device", type=int, default=0, help="CUDA device index (default: %(default)s)")
     p.add_argument("--plot", metavar="PNG", default=None,
                    help="draw P(R) curves per op kind of an existing profile (--profile, or the one at "
                         "--out / profiles/<--gpu>/<model>-tp<N>.json) instead of measuring")
     p.add_argument("--show", action="store_true",
                    help="print a summary (latencies, P(R), interference) of an existing profile")
-    p.add_argument("--profile", default=None, help="with --plot / --show: the profile file")
+    p.add_argument("--profile", default=None, help="with --plot / --show / --add-ops: the profile file")
     p.add_argument("--gpu", default=None, help="with --plot / --show: the GPU slug of a shipped profile")
     p.set_defaults(func=run_profile_command)
 
@@ -77,6 +84,9 @@ def run_profile_command(args: argparse.Namespace) -> int:
         return _plot(args)
     if not args.model:
         raise NfsearchError("nfsearch profile: --model is required (or --plot PNG to draw a profile)")
+    if getattr(args, "add_ops", False) and (args.add_sustained or args.resume):
+        other = "--add-sustained" if args.add_sustained else "--resume"
+        raise NfsearchError(f"nfsearch profile: --add-ops does not combine with {other}")
     model = resolve_model(args.model)
     try:
         import torch
@@ -131,6 +141,8 @@ def _measure(args: argparse.Namespace, model: ModelConfig, torch: Any, group: An
     grid = (quick_grid if args.quick else full_grid)(props.multi_processor_count, gran, min_sms, placed)
     out = Path(args.out) if args.out else profiles_root() / slug / profile_filename(model.name, args.tp)
     t0 = time.perf_counter()
+    if getattr(args, "add_ops", False):
+        return _add_ops(args, model, grid, out, group, leader, t0)
     base = None
     if args.add_sustained:
         from nfsearch.profile import load_profile
@@ -159,6 +171,27 @@ def _measure(args: argparse.Namespace, model: ModelConfig, torch: Any, group: An
               f"in {dt:.0f} s; measured peak {prof.meta.peak_tflops:.0f} TFLOP/s, "
               f"copy {prof.meta.hbm_gbps:.0f} GB/s{nv}; peak GPU memory reserved "
               f"{torch.cuda.max_memory_reserved(args.device) / 2**30:.1f} GiB")
+    return 0
+
+
+def _add_ops(args: argparse.Namespace, model: ModelConfig, base_grid: Any, out: Path, group: Any,
+             leader: bool, t0: float) -> int:
+    """--add-ops: read the profile, measure the layer ops it lacks, write it with them (rank 0)."""
+    from nfsearch.profile import load_profile
+    from nfsearch.profiler.addops import add_ops, add_ops_grid, missing_ops
+    from nfsearch.profiler.measure import GpuTimer
+
+    src = Path(args.profile) if args.profile else out
+    dst = Path(args.out) if args.out else src
+    base = load_profile(src)  # before the timer: a wrong path or a complete profile fails in seconds
+    grid = add_ops_grid(base, model, args.tp, base_grid)
+    ops = missing_ops(base, model, args.tp)
+    timer = GpuTimer(model, args.tp, grid, device=args.device, group=group)
+    prof = add_ops(base, model, args.tp, grid, timer, dst, leader=leader, progress=_progress)
+    if leader:
+        print(f"wrote {dst}: {len(prof.latency) - len(base.latency)} latency rows of {', '.join(ops)} and "
+              f"{len(prof.sustained) - len(base.sustained)} sustained rows added to the {len(base.latency)} "
+              f"of {src} in {time.perf_counter() - t0:.0f} s")
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from nfrt.config import ModelConfig
 
 from nfsearch.errors import NfsearchError
-from nfsearch.opgraph import layer_ops, tail_ops
+from nfsearch.opgraph import GATHER_OPS, OpSpec, gather_form_ok, layer_ops, tail_ops
 
 # Decode attention and prefill attention have a context axis; every other op is profiled at 0.
 CONTEXT_OPS = ("attn_decode", "attn_prefill")
@@ -48,8 +48,9 @@ FULL_TOKENS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 # 1024 and 1536 charged 1216 tokens 1315 us where they take 1563. Dense GEMMs likewise: llama3-70b
 # TP 4's gate_up of 1088 tokens on 120 SMs ran 406 us in the pipeline where the line between 1024
 # and 1536 said 336 (RESULTS.md, 19:1x). The search sizes nano-batches in 64-token granules, so
-# every GEMM gets a point every 64 tokens up to 2048, every 256 above.
-GEMM_OPS = ("qkv_proj", "o_proj", "gate_up", "down", "expert_gate_up", "expert_down")
+# every GEMM gets a point every 64 tokens up to 2048, every 256 above. o_proj_col, the all-gather
+# form's column-parallel O (TP only), is a GEMM like o_proj and gets the same grid.
+GEMM_OPS = ("qkv_proj", "o_proj", "o_proj_col", "gate_up", "down", "expert_gate_up", "expert_down")
 FULL_GEMM_TOKENS = (*range(64, 2048, 64), *range(2048, 4097, 256))
 # The sustained-clock table (nfsearch.profile_sustained): every layer op but the collectives, each
 # timed at the power-limited clock (nfsearch.profiler.held) on a sparse tokens x SMs grid. Decode
@@ -186,9 +187,22 @@ def _sustained_sms(want: tuple[int, ...], sms: tuple[int, ...]) -> tuple[int, ..
     return tuple(sorted({*(s for s in want if s in sms), sms[-1]}))
 
 
+def profiled_layer_ops(model: ModelConfig, tp: int = 1) -> tuple[OpSpec, ...]:
+    """The layer ops a new profile of `model` measures: under TP the network ops, and the ops of the
+    all-gather form of the attention output (`nfsearch.opgraph.GATHER_OPS`) where the model can run
+    it (`gather_form_ok`), so a `--gather-form` search finds them."""
+    return layer_ops(model, tp, gather=gather_form_ok(model, tp))
+
+
 def profiled_ops(model: ModelConfig, tp: int = 1) -> tuple[str, ...]:
-    """Layer and tail ops a profile of `model` holds (network ops only under TP)."""
-    return tuple(op.name for op in layer_ops(model, tp)) + tuple(op.name for op in tail_ops(model, tp))
+    """Layer and tail ops a profile of `model` holds (network and gather-form ops only under TP)."""
+    return (tuple(op.name for op in profiled_layer_ops(model, tp))
+            + tuple(op.name for op in tail_ops(model, tp)))
+
+
+def profiles_gather(model: ModelConfig, tp: int = 1) -> bool:
+    """Whether a new profile of `model` at `tp` holds the all-gather form's ops."""
+    return bool(set(GATHER_OPS) & set(profiled_ops(model, tp)))
 
 
 Point = tuple[str, int, int]  # (op, tokens, context)
@@ -210,14 +224,14 @@ def op_points(model: ModelConfig, tp: int, grid: ProfileGrid) -> list[Point]:
 
 
 def sustained_points(model: ModelConfig, tp: int, grid: ProfileGrid) -> list[Point]:
-    """(op, tokens, context) of the sustained-clock table on each of grid.sustained_sms: every layer
-    op but the collectives at grid.sustained_tokens; prefill attention on prompts of the token
-    count, decode attention at the interference co-runs' context."""
+    """(op, tokens, context) of the sustained-clock table on each of grid.sustained_sms: every
+    profiled layer op but the collectives (o_proj_col included) at grid.sustained_tokens; prefill
+    attention on prompts of the token count, decode attention at the interference co-runs' context."""
     def context(op: str, tokens: int) -> int:
         return {"attn_prefill": tokens, "attn_decode": grid.interference_decode[1]}.get(op, 0)
 
     return [(op.name, t, context(op.name, t))
-            for op in layer_ops(model, tp) if op.kind != "network" for t in grid.sustained_tokens]
+            for op in profiled_layer_ops(model, tp) if op.kind != "network" for t in grid.sustained_tokens]
 
 
 def split_pairs(grid: ProfileGrid) -> list[tuple[int, int]]:

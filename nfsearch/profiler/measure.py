@@ -16,6 +16,13 @@ stream through `TPGroup.comm(num_sms)`, NCCL's CTAs capped at the partition (`co
 SMs), captured and timed like every other op. Every count that decides how many collectives a
 rank issues (launches per graph, replays) is first agreed between the ranks (the max), so the
 ranks issue identical collective sequences; that agreement also lines the ranks up per point.
+
+The all-gather form of the attention output (attn_allgather, o_proj_col, o_allgather; TP only)
+needs the `o_proj_col` weights (`random_shard_weights(..., gather_form=True)`), and `Model.run_op`
+runs those ops on tokens [0, Model.gather_tokens) and o_proj / attn_allreduce on the rest: every
+launch sets `gather_tokens` right before its `run_op` (the point's tokens for a gather op, 0 for
+every other op, so o_proj and attn_allreduce keep all their tokens), so a graph captures the
+tokens its point names whatever ran before it.
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ from nfrt.tp import TPGroup, random_shard_weights, shard_config
 
 from nfsearch.bench_measure import allreduce_busbw_gbps, ceilings, driver_version
 from nfsearch.errors import NfsearchError
+from nfsearch.opgraph import GATHER_OPS
 from nfsearch.profiler.clock import ClockProbe
-from nfsearch.profiler.grid import Point, ProfileGrid
+from nfsearch.profiler.grid import Point, ProfileGrid, profiles_gather
 from nfsearch.profiler.run import NVLINK_PROBE_MIB, CoRun, Tick
 
 MAX_LAUNCHES = 64  # launches per captured graph (short ops); long ops get fewer, at least 1
@@ -79,8 +87,10 @@ class GpuTimer:
 
     def __init__(self, model: ModelConfig, tp: int, grid: ProfileGrid, device: int = 0,
                  rotate_layers: int = 4, kv_pool_bytes: int = 2 << 30, target_us: float = 500.0,
-                 seed: int = 0, group: TPGroup | None = None) -> None:
-        """`group`: this rank's tensor-parallel group (required for tp > 1; its device is used)."""
+                 seed: int = 0, group: TPGroup | None = None, gather_form: bool | None = None) -> None:
+        """`group`: this rank's tensor-parallel group (required for tp > 1; its device is used).
+        `gather_form`: build the all-gather form's weights and buffers (default: iff a profile of
+        this model at this tp holds its ops, `nfsearch.profiler.grid.profiles_gather`)."""
         if tp > 1 and (group is None or group.size != tp):
             got = "none" if group is None else f"one of {group.size} ranks"
             raise NfsearchError(f"--tp {tp}: the timer needs a tensor-parallel group of {tp} ranks, "
@@ -97,7 +107,9 @@ class GpuTimer:
         self.cfg = cfg
         dtype = torch.bfloat16
         rank = self.group.rank if self.group is not None else 0
-        self.w = random_shard_weights(full, rank, tp, seed=seed, device=self.dev, dtype=dtype)
+        self.gather_form = profiles_gather(model, tp) if gather_form is None else bool(gather_form)
+        self.w = random_shard_weights(full, rank, tp, seed=seed, device=self.dev, dtype=dtype,
+                                      gather_form=self.gather_form)
         pages = max(64, kv_pool_bytes // (2 * PAGE_SIZE * cfg.kv_size * 2))
         self.kv = KVCache(self.layers, pages, cfg.num_kv_heads, cfg.head_dim, self.dev, dtype)
         for t in self.kv.k + self.kv.v:
@@ -111,7 +123,7 @@ class GpuTimer:
         self.m = Model(cfg, self.w, max(self.max_all, self.max_dec, self.max_pre), self.kv, self.dev,
                        tp=self.group)
         for name in ("hidden", "residual", "normed", "qkv", "attn_out", "gate_up", "act", "moe_gate_up",
-                     "moe_act", "router_logits"):
+                     "moe_act", "router_logits", "gather_attn", "attn_full", "o_col", "gather_hidden"):
             if hasattr(self.m, name):
                 getattr(self.m, name).normal_(0.0, 1.0)
         self._buffers: dict[tuple[str, int], BatchBuffers] = {}
@@ -184,7 +196,13 @@ class GpuTimer:
                    f"communicator capped at the partition's SMs (max 32 CTAs), timed the same way on rank "
                    f"0, launch and replay counts agreed between the ranks; the network co-runs place "
                    f"attn_allreduce on the top m SMs and each GEMM or decode attention on [0, c)."
-                   if self.group is not None else ""))
+                   if self.group is not None else "")
+                + (" The all-gather form's ops: attn_allgather (NCCL all-gather of the [tokens, q/tp] "
+                   "attention output) and o_allgather (all-gather of the [tokens, hidden/tp] O slices, "
+                   "then the token-major copy) on the same communicators, o_proj_col (the gathered "
+                   "output permuted to [tokens, q], then the [q, hidden/tp] column-parallel GEMM), each "
+                   "on all `tokens` of the point (Model.gather_tokens = tokens)."
+                   if self.group is not None and self.gather_form else ""))
 
     def ceilings(self) -> dict[str, float]:
         peak_tflops, hbm_gbps = ceilings(self.dev)
@@ -230,7 +248,12 @@ class GpuTimer:
                 torch.index_select(m.normed, 0, buf.sample_positions[:t], out=m.sampled[:t])
                 torch.mm(m.sampled[:t], m.w["lm_head"].t(), out=logits[:t])
             return lm_head
-        return lambda i: m.run_op(i % L, op, 0, t)
+        gather_tokens = t if op in GATHER_OPS else 0  # o_proj / attn_allreduce: all t tokens
+
+        def run(i: int) -> None:
+            m.gather_tokens = gather_tokens  # read by run_op as it issues the launch
+            m.run_op(i % L, op, 0, t)
+        return run
 
     # ---- timing --------------------------------------------------------------------------
     def _capture(self, stream: torch.cuda.Stream, fn, n: int,

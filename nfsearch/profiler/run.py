@@ -41,6 +41,7 @@ from nfsearch.profiler.grid import (
     corun_sets,
     grid_point_count,
     op_points,
+    profiles_gather,
     split_pairs,
 )
 from nfsearch.profiler.sustained import measure_sustained, sustained_table
@@ -124,6 +125,8 @@ def run_profile(model: ModelConfig, tp: int, grid: ProfileGrid, timer: Timer, ou
     points = op_points(model, tp, grid)
     key = {"model": model.name, "model_config": model.to_dict(), "tp": tp, "gpu_name": stamp["gpu_name"],
            "num_sms": stamp["num_sms"], "grid": grid.to_dict()}
+    if profiles_gather(model, tp):  # a partial file from before the gather-form ops lacks them
+        key["gather_form"] = True
     ppath = partial_path(out)
     state = _load_state(ppath, key, resume)
     if barrier is not None:

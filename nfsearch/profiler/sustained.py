@@ -20,7 +20,7 @@ from nfrt.config import ModelConfig
 from nfsearch.errors import NfsearchError
 from nfsearch.profile import Profile, save_profile
 from nfsearch.profile_sustained import SUSTAINED_COLUMNS
-from nfsearch.profiler.grid import ProfileGrid, sustained_points
+from nfsearch.profiler.grid import Point, ProfileGrid, sustained_points
 
 Tick = Callable[[int], None]
 # state["sustained"][str(num_sms)] rows: [op, tokens, context, burst us, sustained us]
@@ -29,10 +29,12 @@ NOTE_PREFIX = "sustained table: "
 
 def measure_sustained(model: ModelConfig, tp: int, grid: ProfileGrid, timer: Any, tick: Tick,
                       done: dict[str, list[list[Any]]] | None = None,
-                      checkpoint: Callable[[], None] | None = None) -> dict[str, list[list[Any]]]:
-    """Rows per SM count (see above) for every point of the grid's sustained table; SM counts
-    already in `done` are kept, and `checkpoint()` runs after each new one."""
-    points = sustained_points(model, tp, grid)
+                      checkpoint: Callable[[], None] | None = None,
+                      points: list[Point] | None = None) -> dict[str, list[list[Any]]]:
+    """Rows per SM count (see above) for every point of the grid's sustained table (or `points`,
+    on the grid's sustained SM counts); SM counts already in `done` are kept, and `checkpoint()`
+    runs after each new one."""
+    points = sustained_points(model, tp, grid) if points is None else points
     out = done if done is not None else {}
     for s in sorted(grid.sustained_sms, reverse=True):
         if str(s) in out or not points:
@@ -50,6 +52,15 @@ def sustained_table(rows_by_sms: dict[str, list[list[Any]]]) -> tuple[pd.DataFra
     """The profile's sustained table and a sentence for meta.notes: the measured factors
     (sustained / burst per point), each (op, tokens) replaced by its median over the SM counts
     (`across_sms`)."""
+    raw = measured_factors(rows_by_sms)
+    if raw.empty:
+        return raw, ""
+    table, offset = pooled(raw)
+    return table, table_note(raw, table, offset)
+
+
+def measured_factors(rows_by_sms: dict[str, list[list[Any]]]) -> pd.DataFrame:
+    """The measured factor (sustained / burst) of every point, as rows of the sustained table."""
     rows = []
     for s, measured in rows_by_sms.items():
         for op, t, _, burst, held in measured:
@@ -57,11 +68,7 @@ def sustained_table(rows_by_sms: dict[str, list[list[Any]]]) -> tuple[pd.DataFra
                 raise NfsearchError(f"sustained point {op} at {t} tokens on {s} SMs: burst ({burst}) or "
                                     f"sustained ({held}) latency is not positive")
             rows.append([str(op), int(t), int(s), float(held) / float(burst)])
-    raw = pd.DataFrame(rows, columns=list(SUSTAINED_COLUMNS))
-    if not rows:
-        return raw, ""
-    table, offset = pooled(raw)
-    return table, table_note(raw, table, offset)
+    return pd.DataFrame(rows, columns=list(SUSTAINED_COLUMNS))
 
 
 def across_sms(raw: pd.DataFrame) -> pd.DataFrame:
@@ -79,8 +86,9 @@ def across_sms(raw: pd.DataFrame) -> pd.DataFrame:
     return pooled(raw)[0]
 
 
-def pooled(raw: pd.DataFrame) -> tuple[pd.DataFrame, float]:
-    """(the stored table of `across_sms`, the all-SM offset)."""
+def pooled(raw: pd.DataFrame, offset: float | None = None) -> tuple[pd.DataFrame, float]:
+    """(the stored table of `across_sms`, the all-SM offset). `offset`: use this all-SM offset
+    instead of the one of `raw` (--add-ops pools new ops with the profile's own)."""
     full = int(raw["num_sms"].max())
     parts = raw[raw["num_sms"] < full]
     if parts.empty:  # only all SMs measured: nothing to pool over
@@ -88,9 +96,21 @@ def pooled(raw: pd.DataFrame) -> tuple[pd.DataFrame, float]:
     med = parts.groupby(["op", "tokens"], sort=True)["factor"].median().rename("median")
     out = raw.join(med, on=["op", "tokens"])
     top = out[out["num_sms"] == full]
-    offset = float((top["factor"] / top["median"]).median()) if not top.empty else 1.0
+    if offset is None:
+        offset = float((top["factor"] / top["median"]).median()) if not top.empty else 1.0
     factor = out["median"].where(out["num_sms"] < full, out["median"] * offset)
     return out.assign(factor=factor)[list(SUSTAINED_COLUMNS)].reset_index(drop=True), offset
+
+
+def table_offset(table: pd.DataFrame) -> float:
+    """The all-SM offset a stored table was pooled with (`pooled`), read back from its rows: the
+    median over its (op, tokens) of the all-SM factor over the partitions' (equal) factor; 1.0
+    for a table without partitions or without an all-SM row."""
+    full = int(table["num_sms"].max()) if len(table) else 0
+    parts = table[table["num_sms"] < full].groupby(["op", "tokens"], sort=True)["factor"].median()
+    top = table[table["num_sms"] == full].set_index(["op", "tokens"])["factor"]
+    ratio = (top / parts).dropna()
+    return float(ratio.median()) if len(ratio) else 1.0
 
 
 def table_note(raw: pd.DataFrame, table: pd.DataFrame, offset: float) -> str:

@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Kind = Literal["compute", "memory", "network"]
-TokenClass = Literal["all", "decode", "prefill"]
+TokenClass = Literal["all", "decode", "prefill", "gather", "reduce"]
+TOKEN_CLASSES: tuple[TokenClass, ...] = ("all", "decode", "prefill", "gather", "reduce")
+# The classes of the attention output's two forms: `gather` is the dense-batch prefix
+# [0, gather_granules) that takes the all-gather form, `reduce` the rest [S1.form].
+FORM_CLASSES: tuple[TokenClass, ...] = ("gather", "reduce")
 Scope = Literal["token", "prefix"]
 Policy = Literal["auto", "sequential", "overlap"]
 Status = Literal["OPTIMAL", "FEASIBLE", "INFEASIBLE", "UNKNOWN"]
@@ -88,6 +92,15 @@ class SearchProblem:
     policy: Policy = "auto"
     time_limit_s: float = 60.0
     seed: int = 0
+    # Granules [0, gather_granules) of class `gather`, the rest of class `reduce`. Stage 1 chooses it
+    # (a nano-batch boundary) when some op has a form class; stage 2 and the prediction take the
+    # problem with stage 1's value filled in.
+    gather_granules: int = 0
+
+    @property
+    def has_forms(self) -> bool:
+        """Does the attention output have two forms to choose from (ops of class gather/reduce)?"""
+        return any(o.token_class in FORM_CLASSES for o in self.ops)
 
 
 @dataclass(frozen=True)
@@ -119,3 +132,4 @@ class Solution:
     objective_gap: float  # relative gap of the final MILP (0 when proven optimal)
     solve_time_s: float
     message: str = ""
+    gather_granules: int = 0  # granules [0, this) take the all-gather form (class gather)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ortools.sat.python import cp_model
 
-from nfsearch.search.problem import SearchProblem, StageOp
+from nfsearch.search.problem import FORM_CLASSES, SearchProblem, StageOp
 from nfsearch.search.timeline import Structure, class_range, piece_batches, to_units
 
 _STATUS = {cp_model.OPTIMAL: "OPTIMAL", cp_model.FEASIBLE: "FEASIBLE",
@@ -159,11 +159,17 @@ def solve_stage1(problem: SearchProblem, k: int, time_limit_s: float,
     if k > g or any(not v for v in opts.values()):
         return StageResult("INFEASIBLE")
     lat = {o.name: [to_units(row[full]) for row in o.latency_us] for o in ops}
-    cost = {o.name: cost_table(problem, o, full) for o in ops}  # [a][n], own class only
+    # [a][n], own class only; a form class's extent is chosen here, so its table spans the batch
+    cost = {o.name: ([lat[o.name][:g + 1 - a] for a in range(g + 1)] if o.token_class in FORM_CLASSES
+                     else cost_table(problem, o, full)) for o in ops}
     # every start/end lies in [0, horizon]: an ASAP schedule's span is at most the sum of the chosen
     # pieces' durations (its longest path visits each piece once), so no optimum is cut off
     horizon, seq = 1, 0
     for o in ops:
+        if o.token_class in FORM_CLASSES:  # p pieces, each at most the table's largest entry
+            horizon += max(opts[o.name]) * max(lat[o.name])
+            seq += cost[o.name][0][g] if o.token_class == "reduce" else 0  # the all-reduce form
+            continue
         lo, hi = class_range(problem, o.token_class)
         least = 1 if (lo, hi) == (0, g) else 0
         horizon += max(piece_sum_bound(cost[o.name], hi - lo, p, least, max) for p in opts[o.name])
@@ -215,6 +221,39 @@ def solve_stage1(problem: SearchProblem, k: int, time_limit_s: float,
                 count_memo[key] = (n, z)
         return count_memo[key]
 
+    # [S1.form] the all-gather form takes nano-batches [0, j) for one chosen j: F = b_j granules
+    form_f = None
+    if problem.has_forms:
+        w = [m.new_bool_var(f"form_{j}") for j in range(k + 1)]
+        m.add_exactly_one(w)
+        form_f = m.new_int_var(0, g, "F")
+        for j in range(k + 1):
+            m.add(form_f == b[j]).only_enforce_if(w[j])
+    below_memo: dict[int, cp_model.IntVar] = {}
+
+    def below_f(idx: int):
+        """min(b_idx, F): the gather-class granules before boundary idx [S1.form]."""
+        if idx not in below_memo:
+            y = m.new_int_var(0, g, f"minF_b{idx}")
+            m.add_min_equality(y, [b[idx], form_f])
+            below_memo[idx] = y
+        return below_memo[idx]
+
+    form_memo: dict[tuple[str, int, int], tuple[cp_model.IntVar, object]] = {}
+
+    def form_count(cls: str, a: int, c: int):
+        """(n, has-tokens literal) of class gather or reduce on nano-batches [a, c) [S1.form]."""
+        key = (cls, a, c)
+        if key not in form_memo:
+            n = m.new_int_var(0, g, f"n_{cls}_{a}_{c}")
+            gathered = below_f(c) - below_f(a)
+            m.add(n == (gathered if cls == "gather" else b[c] - b[a] - gathered))
+            z = m.new_bool_var(f"z_{cls}_{a}_{c}")
+            m.add(n >= 1).only_enforce_if(z)
+            m.add(n == 0).only_enforce_if(~z)
+            form_memo[key] = (n, z)
+        return form_memo[key]
+
     gt_memo: dict[tuple[int, int], object] = {}
 
     def above(idx: int, lo: int):
@@ -237,10 +276,11 @@ def solve_stage1(problem: SearchProblem, k: int, time_limit_s: float,
         for p in opts[o.name]:
             x[o.name, p] = m.new_bool_var(f"x_{o.name}_{p}")
         m.add_exactly_one(x[o.name, p] for p in opts[o.name])  # [S1.split]
-        lo, hi = class_range(problem, o.token_class)
+        form = o.token_class in FORM_CLASSES
+        lo, hi = (0, g) if form else class_range(problem, o.token_class)
         cls = hi - lo
         table = lat[o.name]
-        all_class = lo == 0 and hi == g
+        all_class = lo == 0 and hi == g and not form
         if o.scale is None:
             d_lo, d_hi = min(table), max(table)
             cuts = hull_cuts(table, 1 if all_class else 0, cls)
@@ -259,7 +299,7 @@ def solve_stage1(problem: SearchProblem, k: int, time_limit_s: float,
             for i in range(p):
                 a, c = piece_batches(k, p, i)
                 tag = f"{o.name}_{p}_{i}"
-                n, z = own_count(lo, hi, a, c)
+                n, z = form_count(o.token_class, a, c) if form else own_count(lo, hi, a, c)
                 dur = m.new_int_var(d_lo, d_hi, f"d_{tag}")
                 if o.scale is None:
                     m.add_element(n, table, dur)  # [S1.lat] latency_us[n][full] by table lookup
@@ -290,8 +330,9 @@ def solve_stage1(problem: SearchProblem, k: int, time_limit_s: float,
                 by_stream.setdefault(o.kind, []).append((iv, s, e, q, active))
             # [S1.load] redundant: the class's tokens are fixed and p pieces tile them in order, so
             # they cost at least this (exact DP over (a, n), so it holds with a position scale too)
-            least = piece_sum_bound(cost[o.name], cls, p, 1 if all_class else 0)
-            m.add(sum(actives) >= least * xp)
+            if not form:  # a form class's token count is not fixed: no such bound
+                least = piece_sum_bound(cost[o.name], cls, p, 1 if all_class else 0)
+                m.add(sum(actives) >= least * xp)
 
     for kind, items in by_stream.items():
         m.add_no_overlap([it[0] for it in items])  # [S1.stream] one FIFO stream per kind
@@ -367,6 +408,7 @@ def solve_stage1(problem: SearchProblem, k: int, time_limit_s: float,
     stream_order = {kind: tuple(t[-1] for t in sorted(v)) for kind, v in order.items()}
     t_val = int(solver.value(period))
     bound = t_val if status == "OPTIMAL" else int(math.ceil(solver.bound - 1e-6)) // weight
-    return StageResult(status, Structure(k, bounds, splits, stream_order), t_val,
+    gathered = int(solver.value(form_f)) if form_f is not None else problem.gather_granules
+    return StageResult(status, Structure(k, bounds, splits, stream_order, gathered), t_val,
                        int(solver.value(span)), min(bound, t_val), starts)
 

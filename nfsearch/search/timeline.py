@@ -45,6 +45,7 @@ class Structure:
     boundaries: tuple[int, ...]  # granules, 0 = b0 < ... < bK = num_granules
     splits: dict[str, int]  # op -> pieces
     stream_order: dict[str, tuple[str, ...]]  # stream -> non-empty piece names, in issue order
+    gather_granules: int = 0  # [S1.form]: granules [0, this) take the all-gather form
 
 
 def piece_batches(k: int, p: int, i: int) -> tuple[int, int]:
@@ -57,6 +58,10 @@ def class_range(problem: SearchProblem, token_class: str) -> tuple[int, int]:
         return 0, problem.decode_granules
     if token_class == "prefill":
         return problem.decode_granules, problem.num_granules
+    if token_class == "gather":
+        return 0, problem.gather_granules
+    if token_class == "reduce":
+        return problem.gather_granules, problem.num_granules
     return 0, problem.num_granules
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nfsearch.errors import NfsearchError
-from nfsearch.search.problem import KINDS, NanoOp, SearchProblem, Solution
+from nfsearch.search.problem import FORM_CLASSES, KINDS, TOKEN_CLASSES, NanoOp, SearchProblem, Solution
 from nfsearch.search.stage1 import StageResult, refine_hint, solve_stage1
 from nfsearch.search.stage2 import charged, piece_ranges, shared_sm_edges, solve_stage2
 from nfsearch.search.timeline import (
@@ -32,6 +32,8 @@ def validate(problem: SearchProblem) -> None:
         raise bad(f"num_granules must be a positive integer, got {g!r}")
     if not 0 <= problem.decode_granules <= g:
         raise bad(f"decode_granules {problem.decode_granules} must be in 0..num_granules ({g})")
+    if not 0 <= problem.gather_granules <= g:
+        raise bad(f"gather_granules {problem.gather_granules} must be in 0..num_granules ({g})")
     sms = problem.sm_options
     if not sms or any(b <= a for a, b in zip(sms, sms[1:], strict=False)) or sms[0] < 1:
         raise bad(f"sm_options must be positive and strictly ascending, got {sms}")
@@ -60,8 +62,11 @@ def validate(problem: SearchProblem) -> None:
             raise bad(f"duplicate op name {o.name!r}")
         if o.kind not in KINDS:
             raise bad(f"op {o.name!r}: kind {o.kind!r} is not one of {', '.join(KINDS)}")
-        if o.token_class not in ("all", "decode", "prefill"):
-            raise bad(f"op {o.name!r}: token_class {o.token_class!r} is not one of all, decode, prefill")
+        if o.token_class not in TOKEN_CLASSES:
+            raise bad(f"op {o.name!r}: token_class {o.token_class!r} is not one of "
+                      f"{', '.join(TOKEN_CLASSES)}")
+        if o.token_class in FORM_CLASSES and o.scale is not None:
+            raise bad(f"op {o.name!r}: an op of class {o.token_class} cannot have a position scale")
         lat = o.latency_us
         if len(lat) != g + 1 or any(len(r) != len(sms) for r in lat):
             raise bad(f"op {o.name!r}: latency_us must be {g + 1} rows (0..num_granules) of "
@@ -106,14 +111,22 @@ class _Candidate:
     gap: float
 
 
+def with_forms(problem: SearchProblem, s: Structure) -> SearchProblem:
+    """The problem with the structure's form boundary filled in [S1.form]: what stage 2, the
+    prediction and the schedule see (class ranges are then fixed)."""
+    if s.gather_granules == problem.gather_granules:
+        return problem
+    return replace(problem, gather_granules=s.gather_granules)
+
+
 def _sequential(problem: SearchProblem) -> _Candidate:
     """One nano-batch, one stream ("compute") on all SMs: the period is the sum of solo latencies."""
     g = problem.num_granules
-    s0 = Structure(1, (0, g), {o.name: 1 for o in problem.ops}, {})
+    s0 = Structure(1, (0, g), {o.name: 1 for o in problem.ops}, {}, problem.gather_granules)
     ranges = piece_ranges(problem, s0)
     dur = {f"{o.name}.0": o.piece_latency_us(*ranges[f"{o.name}.0"], -1) for o in problem.ops}
     order = tuple(n for n in dur if ranges[n][1] > 0)
-    s = Structure(1, (0, g), s0.splits, {"compute": order})
+    s = Structure(1, (0, g), s0.splits, {"compute": order}, problem.gather_granules)
     start, t = {}, 0.0
     for n in dur:
         start[n] = t
@@ -148,12 +161,43 @@ def _solution(problem: SearchProblem, c: _Candidate, status: str, msg: str, t0: 
                  for p in all_pieces(problem, s.num_nano_batches, s.splits) if p.name in stream_of)
     return Solution(status, s.num_nano_batches, s.boundaries, dict(s.splits), nano,
                     {k: v for k, v in s.stream_order.items() if v}, dict(c.partitions), c.period_us,
-                    c.span_us, c.iteration_us, c.stage1_period_us, c.gap, time.monotonic() - t0, msg)
+                    c.span_us, c.iteration_us, c.stage1_period_us, c.gap, time.monotonic() - t0, msg,
+                    s.gather_granules)
+
+
+def standard_problem(problem: SearchProblem) -> SearchProblem:
+    """The problem without the all-gather form [S1.form]: gather-class ops and the deps on them
+    dropped, reduce-class ops back to class all (the standard all-reduce layer)."""
+    dropped = {o.name for o in problem.ops if o.token_class == "gather"}
+    ops = tuple(replace(o, token_class="all" if o.token_class == "reduce" else o.token_class,
+                        deps=tuple(d for d in o.deps if d.op not in dropped))
+                for o in problem.ops if o.name not in dropped)
+    return replace(problem, ops=ops, gather_granules=0)
 
 
 def solve(problem: SearchProblem) -> Solution:
-    t0 = time.monotonic()
+    """The best schedule of `problem`. With form classes [S1.form] the search runs twice, each with
+    the whole time limit: on the standard all-reduce layer (`standard_problem`) and with the choice
+    of form; the better wins (ties: the standard layer), so offering the all-gather form never
+    returns a worse schedule than the standard layer's own search, at twice the solve time."""
     validate(problem)
+    if not problem.has_forms or problem.policy == "sequential":
+        return _search(problem)
+    t0 = time.monotonic()
+    std = _search(standard_problem(problem))
+    both = _search(problem)
+
+    def key(s: Solution) -> tuple[int, int]:
+        return round(s.period_us * SCALE), round(s.layer_span_us * SCALE)
+
+    best = both if key(both) < key(std) else std
+    note = (f"; the all-reduce layer alone: T={std.period_us:g} us, with the all-gather form: "
+            f"T={both.period_us:g} us")
+    return replace(best, solve_time_s=time.monotonic() - t0, message=best.message + note)
+
+
+def _search(problem: SearchProblem) -> Solution:
+    t0 = time.monotonic()
     seq = _sequential(problem)
     if problem.policy == "sequential":
         return _solution(problem, seq, "OPTIMAL", "sequential policy: one stream, all SMs", t0)
@@ -178,10 +222,11 @@ def solve(problem: SearchProblem) -> Solution:
             notes.append(f"K={k}: stage 1 {r1.status.lower()}")
             continue
         window = max(2, math.ceil(r1.span_units / max(r1.period_units, 1)))
-        r2 = solve_stage2(problem, r1.structure, share, window)
+        fixed = with_forms(problem, r1.structure)
+        r2 = solve_stage2(fixed, r1.structure, share, window)
         statuses.append(r2.status)
         if r2.ok:
-            cands.append(_from_stage2(problem, r2, r1, window))
+            cands.append(_from_stage2(fixed, r2, r1, window))
             notes.append(f"K={k}: T1={r1.period_units / SCALE:g} T2={r2.period_units / SCALE:g} us")
         else:
             notes.append(f"K={k}: stage 1 T1={r1.period_units / SCALE:g} us, stage 2 {r2.status.lower()}")
@@ -202,4 +247,6 @@ def solve(problem: SearchProblem) -> Solution:
                          f"{why}; returning the sequential schedule ({summary})", t0)
     status = "OPTIMAL" if all(st in ("OPTIMAL", "INFEASIBLE") for st in statuses) else "FEASIBLE"
     chosen = "sequential" if best.result is None else f"K={best.structure.num_nano_batches}"
-    return _solution(problem, best, status, f"chose {chosen} ({summary})", t0)
+    if best.structure.gather_granules:
+        chosen += f", all-gather form on granules [0, {best.structure.gather_granules})"
+    return _solution(with_forms(problem, best.structure), best, status, f"chose {chosen} ({summary})", t0)

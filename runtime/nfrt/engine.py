@@ -20,7 +20,7 @@ from nfrt.config import ModelConfig
 from nfrt.errors import NfrtError, ScheduleError
 from nfrt.gemm_target import sized_for
 from nfrt.kvcache import KVCache
-from nfrt.model import NETWORK_OPS, Model, layer_ops
+from nfrt.model import GATHER_OPS, NETWORK_OPS, Model, layer_ops
 from nfrt.schedule import Schedule, load_schedule
 from nfrt.tp import TPGroup, random_shard_weights, shard_config, shard_weights
 from nfrt.weights import Weights, default_dtype, load_hf_weights, weight_shapes
@@ -79,7 +79,8 @@ class Engine:
 
         A schedule with tp > 1 runs in every process of a tensor-parallel group (`tp_group`, by
         default joined from torchrun's environment); each rank holds its shard of the weights
-        (full ones given as a dict or folder are sharded here) and of the KV cache."""
+        (full ones given as a dict or folder are sharded here) and of the KV cache. A schedule
+        with gather_tokens > 0 also gets the all-gather form's weights (`o_proj_col`) and buffers."""
         schedule = (path_or_schedule if isinstance(path_or_schedule, Schedule)
                     else load_schedule(path_or_schedule))
         meta = schedule.metadata
@@ -99,8 +100,10 @@ class Engine:
         dtype = dtype or default_dtype(device)
         config = meta.model_config
         rank, tp = (tp_group.rank, tp_group.size) if tp_group is not None else (0, 1)
+        gather = meta.gather_tokens > 0  # validation guarantees tp > 1 then
         if weights is None:
-            w = random_shard_weights(config, rank, tp, seed=seed, device=device, dtype=dtype)
+            w = random_shard_weights(config, rank, tp, seed=seed, device=device, dtype=dtype,
+                                     gather_form=gather)
         elif isinstance(weights, dict):
             w = weights
             for key, shape in weight_shapes(config).items():
@@ -115,7 +118,7 @@ class Engine:
                 raise ScheduleError(f"schedule is for {meta.model}, weights are {found.name} ({diff})")
             config = replace(found, name=meta.model)  # the checkpoint's max_position, the schedule's name
         if weights is not None and tp > 1:
-            w = shard_weights(w, config, rank, tp)
+            w = shard_weights(w, config, rank, tp, gather_form=gather)
         full_config, config = config, shard_config(config, tp)
         num_sms = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
                    else meta.num_sms)  # on the CPU only the model and schema are checked
@@ -124,7 +127,8 @@ class Engine:
             synth = make_batch(meta.batch, full_config.vocab_size)
             num_pages = pages_needed(synth) + len(synth.decodes) + len(synth.prefills) + 16
         kv = KVCache.for_model(config, num_pages, device, dtype)
-        model = Model(config, w, max_tokens=meta.dense_batch, kv_cache=kv, device=device, tp=tp_group)
+        model = Model(config, w, max_tokens=meta.dense_batch, kv_cache=kv, device=device, tp=tp_group,
+                      gather_form=gather)
         return cls(schedule, model, use_partitions, trace=trace)
 
     def sequential_twin(self) -> Engine:
@@ -133,7 +137,10 @@ class Engine:
         return Engine(self.schedule.as_sequential(), self.model, use_partitions=False)
 
     def _check_ops(self) -> None:
-        known = set(layer_ops(self.config)) | set(NETWORK_OPS)
+        if self.schedule.metadata.gather_tokens and not self.model.gather_form:
+            raise ScheduleError(f"schedule has gather_tokens {self.schedule.metadata.gather_tokens}, but the "
+                                "model was built without the all-gather form (Model(gather_form=True))")
+        known = set(layer_ops(self.config)) | set(NETWORK_OPS) | set(GATHER_OPS)
         for st in self.schedule.streams:
             for nop in st.nano_ops:
                 bad = [op for op in nop.ops if op not in known]
@@ -261,6 +268,9 @@ class Engine:
     # ---- execution -----------------------------------------------------------------------
     def _forward(self) -> torch.Tensor:
         m, tr = self.model, self.tracer
+        # the split between the two forms of the attention output is this schedule's (a twin
+        # sharing the model has its own); read when ops are issued, so also fixed in a graph
+        m.gather_tokens = self.schedule.metadata.gather_tokens
         if tr is not None:
             from nfrt.trace import ITER_END, ITER_START
 

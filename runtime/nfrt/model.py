@@ -8,6 +8,10 @@ dependencies computes the same result, and the whole forward can be captured in 
 
 Data flow (vLLM style): `hidden` (h) and `residual` (r) pass between layers; `input_norm` does
 r += h (layer 0: r = h), normed = rmsnorm(r); `o_proj`, `down` and `expert_down` write h.
+
+Under TP the attention output of tokens [0, gather_tokens) may run in the all-gather form
+(docs/tensor-parallel.md): `attn_allgather` -> `o_proj_col` -> `o_allgather` write the full O output
+into h, where the reduce form (`o_proj` -> `attn_allreduce`) runs on the rest.
 """
 
 from __future__ import annotations
@@ -19,13 +23,16 @@ from nfrt.batch import BatchBuffers
 from nfrt.config import ModelConfig
 from nfrt.errors import NfrtError
 from nfrt.kvcache import KVCache
+from nfrt.schedule_validate import GATHER_OPS  # the all-gather form's ops; TP only
 from nfrt.tp import TPGroup
 from nfrt.weights import Weights
 
 DENSE_OPS = ("input_norm", "qkv_proj", "rope", "kv_append", "attn_decode", "attn_prefill", "o_proj",
              "post_norm", "gate_up", "silu_mul", "down")
 MOE_OPS = DENSE_OPS[:8] + ("router", "expert_gate_up", "expert_silu_mul", "expert_down")
-NETWORK_OPS = ("attn_allreduce", "mlp_allreduce")  # tensor parallel only; no-ops at TP = 1
+ALLREDUCE_OPS = ("attn_allreduce", "mlp_allreduce")  # tensor parallel only; no-ops at TP = 1
+NETWORK_OPS = ALLREDUCE_OPS + ("attn_allgather", "o_allgather")  # the ops that run collectives
+REDUCE_FORM_OPS = frozenset({"o_proj", "attn_allreduce"})  # tokens [gather_tokens, end)
 DECODE_OPS = frozenset({"attn_decode"})
 PREFILL_OPS = frozenset({"attn_prefill"})
 
@@ -63,9 +70,11 @@ class Model:
     """Weights, the KV cache and static activation buffers for up to `max_tokens` tokens."""
 
     def __init__(self, config: ModelConfig, weights: Weights, max_tokens: int, kv_cache: KVCache,
-                 device: torch.device | str | None = None, tp: TPGroup | None = None) -> None:
+                 device: torch.device | str | None = None, tp: TPGroup | None = None,
+                 gather_form: bool | None = None) -> None:
         """`config` is the shape this process runs: under tensor parallelism (`tp`) a rank's shard
-        (`nfrt.tp.shard_config`) with `weights` sharded to match."""
+        (`nfrt.tp.shard_config`) with `weights` sharded to match. `gather_form`: allocate the
+        buffers of the all-gather form (default: iff the weights hold `layers.0.o_proj_col`)."""
         if max_tokens <= 0:
             raise NfrtError(f"model: max_tokens must be positive, got {max_tokens}")
         self.config = config
@@ -101,6 +110,22 @@ class Model:
             self.act = buf(t, c.intermediate_size)
         self.batch: BatchBuffers | None = None
         self.tp = tp if tp is not None and tp.size > 1 else None
+        # tokens [0, gather_tokens) take the all-gather form; the engine sets it per schedule
+        self.gather_tokens = 0
+        if gather_form is None:
+            gather_form = "layers.0.o_proj_col" in weights
+        self.gather_form = bool(gather_form) and self.tp is not None
+        if self.gather_form:
+            n = self.tp.size
+            if c.hidden_size % n:
+                raise NfrtError(f"model {c.name!r}: the all-gather form needs tp {n} to divide "
+                                f"hidden_size {c.hidden_size}")
+            # All-gather outputs must be contiguous: tokens [s, e) gather into rows [n*s, n*e),
+            # rank-major ([n, e-s, width]), and are permuted into token-major rows afterwards.
+            self.gather_attn = buf(n * t, c.q_size)  # [tp * tokens, q/tp]
+            self.attn_full = buf(t, n * c.q_size)  # [tokens, q] (heads of rank 0, rank 1, ...)
+            self.o_col = buf(t, c.hidden_size // n)  # [tokens, H/tp] this rank's O output columns
+            self.gather_hidden = buf(n * t, c.hidden_size // n)  # [tp * tokens, H/tp]
         self.comm = None  # the process group of the stream issuing network ops (set by the engine)
         self.vocab_rows = weights["lm_head"].shape[0]  # vocab / tp (padded) under TP, else vocab
         self.sampled = buf(0, c.hidden_size)
@@ -108,7 +133,8 @@ class Model:
         self.logits_local = buf(0, self.vocab_rows)
         self.logits_ranks = buf(0, self.vocab_rows)
         self._ops = {name: getattr(self, "_" + name) for name in set(DENSE_OPS + MOE_OPS)}
-        self._ops.update(dict.fromkeys(NETWORK_OPS, self._allreduce))
+        self._ops.update(dict.fromkeys(ALLREDUCE_OPS, self._allreduce))
+        self._ops.update({name: getattr(self, "_" + name) for name in GATHER_OPS})
 
     # ---- batch binding -------------------------------------------------------------------
     def bind(self, buffers: BatchBuffers) -> None:
@@ -156,6 +182,7 @@ class Model:
     def forward_sequential(self) -> torch.Tensor:
         """Every op of every layer in order on all tokens."""
         t = self._b().num_tokens
+        self.gather_tokens = 0  # the standard layer
         self.embed()
         for layer in range(self.config.num_layers):
             for op in layer_ops(self.config, self.tp is not None):
@@ -167,7 +194,7 @@ class Model:
         b = self._b()
         fn = self._ops.get(op)
         if fn is None:
-            valid = ", ".join(layer_ops(self.config) + NETWORK_OPS)
+            valid = ", ".join(layer_ops(self.config) + ALLREDUCE_OPS + GATHER_OPS)
             raise NfrtError(f"model: unknown op {op!r}; valid: {valid}")
         if not 0 <= layer < self.config.num_layers:
             raise NfrtError(f"model: layer {layer} outside [0, {self.config.num_layers})")
@@ -176,6 +203,13 @@ class Model:
             end = min(end, b.num_decode)
         elif op in PREFILL_OPS:
             start = max(start, b.num_decode)
+        elif op in GATHER_OPS:
+            if not self.gather_form:
+                why = "tp is 1" if self.tp is None else "the model was not built for it (gather_form)"
+                raise NfrtError(f"model: op {op} of the all-gather form cannot run: {why}")
+            end = min(end, self.gather_tokens)
+        elif op in REDUCE_FORM_OPS:
+            start = max(start, self.gather_tokens)
         if start < end:
             fn(layer, start, end)
 
@@ -235,6 +269,25 @@ class Model:
         # there is nothing to reduce
         if self.tp is not None:
             self.tp.all_reduce(self.hidden[s:e], self.comm)
+
+    # ---- the all-gather form of the attention output (TP only) -----------------------------
+    def _attn_allgather(self, layer: int, s: int, e: int) -> None:
+        # attn_out[s:e] [n, q/tp] of every rank -> gather_attn rows [tp*s, tp*e) as [tp, n, q/tp]
+        r = self.tp.size
+        self.tp.all_gather(self.gather_attn[r * s: r * e], self.attn_out[s:e], self.comm)
+
+    def _o_proj_col(self, layer: int, s: int, e: int) -> None:
+        n, r, q = e - s, self.tp.size, self.config.q_size
+        ranks = self.gather_attn[r * s: r * e].view(r, n, q)  # [tp, n, q/tp]
+        self.attn_full[s:e].view(n, r, q).copy_(ranks.transpose(0, 1))  # -> [n, tp, q/tp] = [n, q]
+        # [n, q] @ [q, H/tp] -> [n, H/tp]: this rank's columns of the full O output
+        torch.mm(self.attn_full[s:e], self._lw(layer, "o_proj_col").t(), out=self.o_col[s:e])
+
+    def _o_allgather(self, layer: int, s: int, e: int) -> None:
+        n, r = e - s, self.tp.size
+        part = self.gather_hidden[r * s: r * e]  # [tp * n, H/tp]
+        self.tp.all_gather(part, self.o_col[s:e], self.comm)
+        self.hidden[s:e].view(n, r, -1).copy_(part.view(r, n, -1).transpose(0, 1))  # [n, H], whole sum
 
     def _post_norm(self, layer: int, s: int, e: int) -> None:
         K.fused_add_rms_norm(self.hidden[s:e], self.residual[s:e], self._lw(layer, "post_norm"), self.eps,

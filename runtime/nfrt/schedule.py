@@ -48,10 +48,23 @@ from nfrt.schedule_io import save_schedule as save_schedule
 
 OpKind = Literal["compute", "memory", "network", "other"]
 StreamKind = Literal["compute", "memory", "network", "mixed"]
-TokenClass = Literal["all", "decode", "prefill"]
+TokenClass = Literal["all", "decode", "prefill", "gather", "reduce"]
+TOKEN_CLASSES = ("all", "decode", "prefill", "gather", "reduce")
+GATHER_OPS = schedule_validate.GATHER_OPS  # the all-gather form's ops (docs/tensor-parallel.md)
 Scope = Literal["token", "prefix"]
 ProfileSource = Literal["measured", "analytic"]
 Policy = Literal["auto", "sequential", "overlap", "hand"]
+
+
+def standard_layer(layer: tuple[LayerOp, ...]) -> tuple[LayerOp, ...]:
+    """The standard (reduce-form) layer of `layer`: the gather-form ops (GATHER_OPS) and the deps
+    on them removed, classes "reduce" (and "gather") back to "all". The identity on a standard layer."""
+    def plain(op: LayerOp) -> LayerOp:
+        deps = tuple(d for d in op.deps if d.op not in GATHER_OPS)
+        cls = "all" if op.token_class in ("gather", "reduce") else op.token_class
+        return op if (deps, cls) == (op.deps, op.token_class) else replace(op, deps=deps, token_class=cls)
+
+    return tuple(plain(op) for op in layer if op.name not in GATHER_OPS)
 
 
 # ---- the records ----------------------------------------------------------------------------------
@@ -81,7 +94,7 @@ class LayerOp(_Record):
     deps: tuple[OpDep, ...] = ()
     _spec: ClassVar[dict[str, Check]] = {
         "name": _name, "kind": _choice("compute", "memory", "network", "other"),
-        "token_class": _choice("all", "decode", "prefill"), "deps": _records(OpDep)}
+        "token_class": _choice(*TOKEN_CLASSES), "deps": _records(OpDep)}
 
 
 @dataclass(frozen=True)
@@ -211,11 +224,23 @@ class Metadata(_Record):
     profile: ProfileInfo
     solver: SolverInfo
     nfsearch_version: str
+    # dense tokens [0, gather_tokens) run the attention output in the all-gather form (class
+    # "gather"), the rest in the reduce form (class "reduce"); 0: the standard layer
+    gather_tokens: int = 0
     _spec: ClassVar[dict[str, Check]] = {
         "model": _name, "model_config": _config(ModelConfig), "gpu": _name, "num_sms": _pos_int,
         "tp": _pos_int, "workload": _text, "dense_batch": _pos_int, "batch": _config(BatchComposition),
         "num_layers": _pos_int, "profile": _record(ProfileInfo), "solver": _record(SolverInfo),
-        "nfsearch_version": _text}
+        "nfsearch_version": _text, "gather_tokens": _nonneg_int}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        g = d.pop("gather_tokens")
+        if not g:
+            return d  # omitted when 0: schedules of the standard layer stay byte-identical
+        keys = list(d)
+        at = keys.index("dense_batch") + 1
+        return {**{k: d[k] for k in keys[:at]}, "gather_tokens": g, **{k: d[k] for k in keys[at:]}}
 
 
 @dataclass(frozen=True)
@@ -290,9 +315,12 @@ class Schedule(_Record):
                    nano_batches=(NanoBatch(name="nb0", start=0, end=dense),))
 
     def as_sequential(self, num_sms: int | None = None) -> Schedule:
-        """The sequential baseline of this schedule (same model, batch and layer graph)."""
-        meta = self.metadata if num_sms is None else replace(self.metadata, num_sms=num_sms)
-        return Schedule.sequential(meta, self.layer)
+        """The sequential baseline of this schedule: same model and batch, the standard
+        (reduce-form) layer graph (`standard_layer`), gather_tokens 0."""
+        meta = replace(self.metadata, gather_tokens=0)
+        if num_sms is not None:
+            meta = replace(meta, num_sms=num_sms)
+        return Schedule.sequential(meta, standard_layer(self.layer))
 
     def check_compatible(self, model_name: str, num_sms: int,
                          schema_version_supported: int = SCHEMA_VERSION) -> None:

@@ -20,11 +20,16 @@ if TYPE_CHECKING:
     from nfrt.schedule import LayerOp, Partition, Schedule
 
 
+# The ops of the all-gather form of the attention output (docs/tensor-parallel.md); class "gather".
+GATHER_OPS = ("attn_allgather", "o_proj_col", "o_allgather")
+
+
 def validate(s: Schedule) -> None:
     _check_metadata(s)
     ancestors = _check_layer(s.layer)
     _check_partitions_and_streams(s, ancestors)
     bounds = _check_nano_batches(s)
+    _check_gather_form(s, bounds)
     _check_tokens(s, bounds)
     _check_dependencies(s)
     graph = _Graph(s)
@@ -168,13 +173,52 @@ def _check_nano_batches(s: Schedule) -> list[int]:
     return bounds
 
 
-def class_range(token_class: str, decode_tokens: int, dense_batch: int) -> tuple[int, int]:
-    """The tokens an op of this class acts on: decode tokens come first in the dense batch."""
+def class_range(token_class: str, decode_tokens: int, dense_batch: int,
+                gather_tokens: int = 0) -> tuple[int, int]:
+    """The tokens an op of this class acts on: decode tokens come first in the dense batch; the
+    gather form takes the prefix [0, gather_tokens), the reduce form the rest."""
     if token_class == "decode":
         return 0, decode_tokens
     if token_class == "prefill":
         return decode_tokens, dense_batch
+    if token_class == "gather":
+        return 0, gather_tokens
+    if token_class == "reduce":
+        return gather_tokens, dense_batch
     return 0, dense_batch
+
+
+def _ranges(s: Schedule) -> dict[str, tuple[int, int]]:
+    """Each layer op's class range in this schedule."""
+    b, g = s.metadata.batch, s.metadata.gather_tokens
+    return {op.name: class_range(op.token_class, b.decode_tokens, b.dense_batch, g) for op in s.layer}
+
+
+def _check_gather_form(s: Schedule, bounds: list[int]) -> None:
+    """gather_tokens on a nano-batch boundary; the gather ops only in class gather, only at tp > 1;
+    with the gather form on, o_proj and attn_allreduce take the rest (class reduce)."""
+    m = s.metadata
+    g = m.gather_tokens
+    if g > m.dense_batch:
+        _fail(f"metadata.gather_tokens: {g} > dense_batch {m.dense_batch}")
+    if g and g not in bounds:
+        _fail(f"metadata.gather_tokens: {g} is not a nano-batch boundary ({', '.join(map(str, bounds))})")
+    for i, op in enumerate(s.layer):
+        if op.name in GATHER_OPS:
+            if op.token_class != "gather":
+                _fail(f"layer[{i}].token_class: op {op.name} must have class gather, got {op.token_class}")
+            if m.tp < 2:
+                _fail(f"layer[{i}].name: op {op.name} (the all-gather form) needs tp > 1, "
+                      f"metadata.tp is {m.tp}")
+        elif op.token_class == "gather":
+            _fail(f"layer[{i}].token_class: class gather is only for {', '.join(GATHER_OPS)}, not {op.name}")
+        if g and op.name in ("o_proj", "attn_allreduce") and op.token_class != "reduce":
+            _fail(f"layer[{i}].token_class: op {op.name} must have class reduce when metadata.gather_tokens "
+                  f"is {g}, got {op.token_class}")
+    missing = [name for name in GATHER_OPS if name not in {op.name for op in s.layer}]
+    if g and missing:
+        _fail(f"metadata.gather_tokens: {g} > 0 but the layer lacks {', '.join(missing)} "
+              "(the all-gather form)")
 
 
 def _check_tokens(s: Schedule, bounds: list[int]) -> None:
@@ -193,9 +237,9 @@ def _check_tokens(s: Schedule, bounds: list[int]) -> None:
             for op in n.ops:
                 for k in range(seg[n.tokens[0]], seg[n.tokens[1]]):
                     count[op][k].append(n.name)
-    batch = s.metadata.batch
+    ranges = _ranges(s)
     for op in s.layer:
-        lo, hi = class_range(op.token_class, batch.decode_tokens, batch.dense_batch)
+        lo, hi = ranges[op.name]
         for k, holders in enumerate(count[op.name]):
             needed = bounds[k] < hi and lo < bounds[k + 1]
             if len(holders) > 1 or (needed and not holders):
@@ -321,12 +365,11 @@ def _check_implied(s: Schedule, g: _Graph) -> None:
         for nop in st.nano_ops:
             for op in nop.ops:
                 holders[op].append((g.index[nop.name], nop.tokens, nop.ops))
-    batch = s.metadata.batch
-    kind_of = {op.name: op.token_class for op in s.layer}
+    ranges = _ranges(s)
     for op in s.layer:
-        op_lo, op_hi = class_range(op.token_class, batch.decode_tokens, batch.dense_batch)
+        op_lo, op_hi = ranges[op.name]
         for dep in op.deps:
-            pred_lo, pred_hi = class_range(kind_of[dep.op], batch.decode_tokens, batch.dense_batch)
+            pred_lo, pred_hi = ranges[dep.op]
             for x, (a, b), _ in holders[op.name]:
                 if not (a < op_hi and op_lo < b):
                     continue  # no tokens of this op's class here: nothing runs, nothing needed

@@ -8,7 +8,9 @@ Sharding (tp ranks, rank r):
   `mlp_allreduce`); MoE: every expert's intermediate size split the same way, so routing stays
   local and identical on every rank (the router and the norms are replicated);
 - embedding replicated; LM head vocabulary-parallel (rows padded to a multiple of tp with zeros),
-  its logits all-gathered in the tail.
+  its logits all-gathered in the tail;
+- the all-gather form of the attention output (a gather-form schedule) also holds `o_proj_col`:
+  rows [r*H/tp, (r+1)*H/tp) of the full o_proj (column parallel over the output, full q input).
 
 NVLink multicast stays off (`nfrt.config.NO_MULTICAST_ENV`): on the shared multi-GPU hosts a program that uses
 it can take the GPUs out of service. The launcher (`nfsearch.launch`) sets these variables for the
@@ -24,7 +26,7 @@ import torch
 
 from nfrt.config import NO_MULTICAST_ENV, ModelConfig
 from nfrt.errors import ConfigError, NfrtError
-from nfrt.schedule import OpDep, Schedule
+from nfrt.schedule import OpDep, Schedule, standard_layer
 from nfrt.weights import Weights, default_dtype, random_tensor, weight_shapes
 
 # NCCL launches one CTA per channel; its kernels get at most this many (its channel limit).
@@ -82,6 +84,8 @@ def shard_tensor(name: str, t: torch.Tensor, config: ModelConfig, rank: int, tp:
         return _blocks(t, 0, (c.q_size, c.kv_size, c.kv_size), rank, tp)
     if leaf == "o_proj":
         return _blocks(t, 1, (c.q_size,), rank, tp)
+    if leaf == "o_proj_col":  # `t` is the full o_proj [H, q]
+        return _blocks(t, 0, (c.hidden_size,), rank, tp)
     if leaf == "gate_up":
         return _blocks(t, 0, (c.intermediate_size, c.intermediate_size), rank, tp)
     if leaf == "down":
@@ -100,27 +104,51 @@ def shard_tensor(name: str, t: torch.Tensor, config: ModelConfig, rank: int, tp:
     return t  # embed, norms, router: replicated
 
 
-def shard_weights(weights: Weights, config: ModelConfig, rank: int, tp: int) -> Weights:
-    """Rank `rank`'s weights from the full (unsharded) weight dict of `config`."""
+def check_gather_form(config: ModelConfig, tp: int) -> None:
+    """The all-gather form needs tp > 1 dividing the hidden size (o_proj_col splits it)."""
     check_tp(config, tp)
+    if tp < 2 or config.hidden_size % tp:
+        raise ConfigError(f"the all-gather form needs tp > 1 dividing hidden_size {config.hidden_size} of "
+                          f"model {config.name!r}, got tp {tp}")
+
+
+def shard_weights(weights: Weights, config: ModelConfig, rank: int, tp: int,
+                  gather_form: bool = False) -> Weights:
+    """Rank `rank`'s weights from the full (unsharded) weight dict of `config`; `gather_form`: with
+    `layers.{l}.o_proj_col` (from the full o_proj) for the all-gather form."""
+    check_tp(config, tp)
+    if gather_form:
+        check_gather_form(config, tp)
     for key, shape in weight_shapes(config).items():
         if key not in weights or tuple(weights[key].shape) != shape:
             got = tuple(weights[key].shape) if key in weights else "missing"
             raise NfrtError(f"weights for {config.name}: {key} should be {shape}, got {got}")
-    return {k: shard_tensor(k, v, config, rank, tp) for k, v in weights.items()}
+    out = {k: shard_tensor(k, v, config, rank, tp) for k, v in weights.items()
+           if not k.endswith(".o_proj_col")}  # made from the full o_proj below
+    if gather_form:
+        for n in range(config.num_layers):
+            key = f"layers.{n}.o_proj_col"
+            out[key] = shard_tensor(key, weights[f"layers.{n}.o_proj"], config, rank, tp)
+    return out
 
 
 def random_shard_weights(config: ModelConfig, rank: int, tp: int, seed: int = 0,
-                         device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Weights:
+                         device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                         gather_form: bool = False) -> Weights:
     """Rank `rank`'s shard of `nfrt.weights.random_weights(config, seed)`, one full tensor at a time
-    (a 70B model never exists whole on one GPU)."""
+    (a 70B model never exists whole on one GPU). `gather_form`: also `layers.{l}.o_proj_col`, cut
+    from the same full o_proj, so the all-gather form computes what tp 1 computes."""
     check_tp(config, tp)
+    if gather_form:
+        check_gather_form(config, tp)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     out: Weights = {}
     for name, shape in weight_shapes(config).items():
         full = random_tensor(name, shape, seed, device, dtype)
         out[name] = shard_tensor(name, full, config, rank, tp)
+        if gather_form and name.endswith(".o_proj"):
+            out[name + "_col"] = shard_tensor(name + "_col", full, config, rank, tp)
         del full
     if config.tie_embeddings:  # the embedding is replicated whole; the head is its vocab shard
         out["lm_head"] = shard_tensor("lm_head", out["embed"], config, rank, tp)
@@ -217,10 +245,12 @@ class TPGroup:
 
 
 def single_gpu_reference(schedule: Schedule) -> Schedule:
-    """The sequential tp-1 schedule of the same model and batch as `schedule` (any tp): its layer
-    graph without the network ops, dependencies on them moved to the op each one reduces. The TP
-    tests compare a tensor-parallel run against this on one GPU."""
-    net = {op.name: op.deps[0].op for op in schedule.layer if op.kind == "network"}
+    """The sequential tp-1 schedule of the same model and batch as `schedule` (any tp, either form
+    of the attention output): its standard layer graph without the network ops, dependencies on
+    them moved to the op each one reduces. The TP tests compare a tensor-parallel run against this
+    on one GPU."""
+    std = standard_layer(schedule.layer)
+    net = {op.name: op.deps[0].op for op in std if op.kind == "network"}
 
     def redirect(d: OpDep) -> OpDep:
         while d.op in net:
@@ -228,5 +258,5 @@ def single_gpu_reference(schedule: Schedule) -> Schedule:
         return d
 
     layer = tuple(replace(op, deps=tuple(redirect(d) for d in op.deps))
-                  for op in schedule.layer if op.kind != "network")
-    return Schedule.sequential(replace(schedule.metadata, tp=1), layer)
+                  for op in std if op.kind != "network")
+    return Schedule.sequential(replace(schedule.metadata, tp=1, gather_tokens=0), layer)
