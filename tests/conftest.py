@@ -24,6 +24,43 @@ def close(ours, ref, rel: float = 1e-4) -> None:
     assert err <= rel * scale, f"max error {err} vs scale {scale}"
 
 
+def tp2_matches_one_process(path, tmp_path):
+    """Run the TP-2 schedule at `path` in two gloo processes (tests/tp_worker.py, each with its
+    shard) with fresh weight and batch seeds, and check that its nano-batched run and its
+    sequential twin give the logits one process gives with the whole weights
+    (`nfrt.tp.single_gpu_reference`). Returns the loaded schedule."""
+    import os
+    import random
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    from nfrt.engine import Engine
+    from nfrt.schedule import load_schedule
+    from nfrt.tp import single_gpu_reference
+    from nfrt.weights import random_weights
+
+    seed, batch_seed = random.randrange(10_000), random.randrange(10_000)
+    out = tmp_path / "logits.pt"
+    worker = Path(__file__).resolve().parent / "tp_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker),
+           "--schedule", str(path), "--out", str(out), "--seed", str(seed), "--batch-seed", str(batch_seed)]
+    run = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = torch.load(out)
+    schedule = load_schedule(path)
+    config = schedule.metadata.model_config
+    ref_engine = Engine.from_schedule(single_gpu_reference(schedule), device="cpu",
+                                      weights=random_weights(config, seed=seed))
+    ref = ref_engine.run(ref_engine.synthetic_batch(seed=batch_seed))
+    assert got["nano"].shape == ref.shape == (ref.shape[0], config.vocab_size)
+    close(got["nano"], ref)
+    close(got["sequential"], ref)
+    return schedule
+
+
 def has_cuda_bindings() -> bool:
     """Whether NVIDIA's cuda-bindings (green contexts) import."""
     try:

@@ -13,7 +13,7 @@ from nfsearch.errors import NfsearchError
 from nfsearch.models import resolve_model
 from nfsearch.opgraph import GATHER_OPS
 from nfsearch.plan import default_output, plan
-from nfsearch.profile import Profile
+from nfsearch.profile import Profile, load_profile, save_profile, shipped_profile_path
 
 TINY = dict(model="tiny-llama", gpu="h200", tp=2, dense_batch=192, workload="const:64:32", time_limit_s=5)
 
@@ -34,10 +34,15 @@ def test_gather_form_needs_tensor_parallelism():
         SolveConfig(model="llama3-8b", tp=1, gather_form=True)
 
 
-def test_a_profile_without_the_gather_ops_is_refused_with_the_fix():
-    # the shipped measured llama3-70b TP 4 profile predates the gather ops
+def test_a_profile_without_the_gather_ops_is_refused_with_the_fix(tmp_path):
+    # the shipped llama3-70b TP 4 profile as it was before --add-ops gave it the gather ops
+    full = load_profile(shipped_profile_path("h200", "llama3-70b", 4))
+    lat, sus = full.latency, full.sustained
+    old = Profile(full.meta, lat[~lat["op"].isin(GATHER_OPS)], full.interference,
+                  sus[~sus["op"].isin(GATHER_OPS)])
+    path = save_profile(old, tmp_path / "llama3-70b-tp4.json")
     with pytest.raises(NfsearchError, match=r"no attn_allgather, o_proj_col, o_allgather.*--add-ops"):
-        plan(SolveConfig(model="llama3-70b", gpu="h200", tp=4, gather_form=True))
+        plan(SolveConfig(model="llama3-70b", profile=str(path), tp=4, gather_form=True))
 
 
 def test_gather_form_schedule_when_the_reduce_form_is_dear(monkeypatch):
@@ -84,34 +89,11 @@ def test_gather_form_left_out_when_it_is_dear(monkeypatch):
 def test_searched_gather_schedule_runs_tp2_like_one_process(monkeypatch, tmp_path):
     """The searched gather-form schedule, run by two gloo processes (each with its shard), gives the
     logits one process gives with the whole weights (fresh weight and batch seeds)."""
-    import os
-    import random
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    torch = pytest.importorskip("torch")
-    from conftest import close
-    from nfrt.engine import Engine
+    pytest.importorskip("torch")
+    from conftest import tp2_matches_one_process
     from nfrt.schedule import save_schedule
-    from nfrt.tp import single_gpu_reference
-    from nfrt.weights import random_weights
 
     _dearer(monkeypatch, ("o_proj", "attn_allreduce"), 20.0)
     s = plan(SolveConfig(**TINY, gather_form=True)).schedule
     assert 0 < s.metadata.gather_tokens
-    path = save_schedule(s, tmp_path / "searched-gather.yaml")
-    seed, batch_seed = random.randrange(10_000), random.randrange(10_000)
-    out = tmp_path / "logits.pt"
-    worker = Path(__file__).with_name("tp_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker),
-           "--schedule", str(path), "--out", str(out), "--seed", str(seed), "--batch-seed", str(batch_seed)]
-    run = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = torch.load(out)
-    ref_engine = Engine.from_schedule(single_gpu_reference(s), device="cpu",
-                                      weights=random_weights(s.metadata.model_config, seed=seed))
-    ref = ref_engine.run(ref_engine.synthetic_batch(seed=batch_seed))
-    close(got["nano"], ref)
-    close(got["sequential"], ref)
+    tp2_matches_one_process(save_schedule(s, tmp_path / "searched-gather.yaml"), tmp_path)

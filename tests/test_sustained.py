@@ -139,7 +139,8 @@ def test_add_sustained_replaces_the_table_and_keeps_every_burst_point(tmp_path) 
     model = resolve_model("tiny-llama")
     base = _profile(tmp_path, seed=3)
     bare = Profile(replace(base.meta, notes=base.meta.notes.split(" | ")[0]), base.latency, base.interference)
-    timer = FakeTimer(4)  # another factor than the one the base was made with
+    timer = FakeTimer(3)  # the base's GPU (its latencies), another sustained factor
+    timer.sus += 0.05
     out = tmp_path / "added.json"
     grid = quick_grid()
     new = add_sustained(bare, model, 1, grid, timer, out, 132)
@@ -147,7 +148,7 @@ def test_add_sustained_replaces_the_table_and_keeps_every_burst_point(tmp_path) 
     assert new.has_sustained and load_profile(out) == new
     want = _stored(timer, grid)
     assert all(r.factor == pytest.approx(want(r.num_sms), abs=1e-4) for r in new.sustained.itertuples())
-    twice = add_sustained(new, model, 1, grid, FakeTimer(4), out, 132)
+    twice = add_sustained(new, model, 1, grid, timer, out, 132)
     assert twice.meta.notes.count(NOTE_PREFIX) == 1 and twice == new
     with pytest.raises(NfsearchError, match="--add-sustained: the profile is measured tiny-llama tp 1"):
         add_sustained(bare, resolve_model("llama3-8b"), 1, grid, timer, out, 132)
@@ -160,7 +161,8 @@ def test_sustained_table_from_rows_and_its_note() -> None:
     got = {(r.num_sms): r.factor for r in table.itertuples()}
     # partitions: the median of 0.99 and 1.1; all SMs: that times the offset 1.1667 / 1.045
     assert got == {64: pytest.approx(1.045), 96: pytest.approx(1.045), 132: pytest.approx(350 / 300)}
-    assert note.startswith(NOTE_PREFIX) and "measured factor = sustained / burst latency 0.990..1.167" in note
+    assert note.startswith(NOTE_PREFIX)
+    assert "measured factor = sustained latency / the burst latency beside it 0.990..1.167" in note
     assert sustained_table({})[1] == ""
     with pytest.raises(NfsearchError, match="not positive"):
         sustained_table({"64": [["gate_up", 1024, 0, 0.0, 1.0]]})

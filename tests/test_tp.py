@@ -3,10 +3,7 @@ launched with torchrun that must compute what one process computes with the whol
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import close, tiny_config  # noqa: E402
+from conftest import close, tiny_config, tp2_matches_one_process  # noqa: E402
 from nfrt.engine import Engine  # noqa: E402
 from nfrt.errors import ConfigError, NfrtError  # noqa: E402
 from nfrt.schedule import load_schedule, save_schedule  # noqa: E402
@@ -26,8 +23,6 @@ from nfrt.tp import (  # noqa: E402
     vocab_shard,
 )
 from nfrt.weights import random_weights  # noqa: E402
-
-WORKER = Path(__file__).resolve().parent / "tp_worker.py"
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])
@@ -132,22 +127,7 @@ def test_tp_schedule_outside_torchrun_says_how_to_launch(tp2_schedules, monkeypa
 def test_tp2_equals_one_process(name, tp2_schedules, tmp_path):
     """Two gloo processes, each with its shard, give the logits one process gives with the whole
     weights (fresh weight and batch seeds), for the searched schedule and its sequential twin."""
-    path = tp2_schedules[name]
-    seed, batch_seed = random.randrange(10_000), random.randrange(10_000)
-    out = tmp_path / "logits.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
-           "--schedule", str(path), "--out", str(out), "--seed", str(seed), "--batch-seed", str(batch_seed)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = torch.load(out)
-    schedule = load_schedule(path)
-    ref_engine = Engine.from_schedule(single_gpu_reference(schedule), device="cpu",
-                                      weights=random_weights(schedule.metadata.model_config, seed=seed))
-    ref = ref_engine.run(ref_engine.synthetic_batch(seed=batch_seed))
-    assert got["nano"].shape == ref.shape == (ref.shape[0], schedule.metadata.model_config.vocab_size)
-    close(got["nano"], ref)
-    close(got["sequential"], ref)
+    tp2_matches_one_process(tp2_schedules[name], tmp_path)
 
 
 # ---- the all-gather form of the attention output (FORMS.md) ----------------------------------------
@@ -214,19 +194,4 @@ def test_tp2_gather_form_equals_one_process(name, gather_tokens, tmp_path):
     form (attn_allgather -> o_proj_col -> o_allgather) gives the logits one process gives with the
     whole weights; its sequential twin (the reduce form, same model and buffers) too."""
     path = _gather_schedule_file(name, gather_tokens, tmp_path)
-    seed, batch_seed = random.randrange(10_000), random.randrange(10_000)
-    out = tmp_path / "logits.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
-           "--schedule", str(path), "--out", str(out), "--seed", str(seed), "--batch-seed", str(batch_seed)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = torch.load(out)
-    schedule = load_schedule(path)
-    assert schedule.metadata.gather_tokens == gather_tokens
-    ref_engine = Engine.from_schedule(single_gpu_reference(schedule), device="cpu",
-                                      weights=random_weights(schedule.metadata.model_config, seed=seed))
-    ref = ref_engine.run(ref_engine.synthetic_batch(seed=batch_seed))
-    assert got["nano"].shape == ref.shape == (ref.shape[0], schedule.metadata.model_config.vocab_size)
-    close(got["nano"], ref)
-    close(got["sequential"], ref)
+    assert tp2_matches_one_process(path, tmp_path).metadata.gather_tokens == gather_tokens

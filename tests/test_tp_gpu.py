@@ -84,6 +84,12 @@ def test_tp_equals_one_gpu(model, tp, tmp_path, monkeypatch):
     assert run.returncode == 0, run.stderr[-4000:]
     got = torch.load(out)
     schedule = truncate(load_schedule(path), layers)
+    _matches_one_gpu(got, schedule, seed, batch_seed, dtype, rtol, f"{model} tp{tp}")
+
+
+def _matches_one_gpu(got, schedule, seed, batch_seed, dtype, rtol, label) -> None:
+    """The worker's eager nano-batched, sequential-twin and graph-replay logits equal one GPU with the
+    whole weights (`single_gpu_reference`), and the graph replays what the eager run computed."""
     config = schedule.metadata.model_config
     ref_engine = Engine.from_schedule(single_gpu_reference(schedule), device="cuda:0",
                                       weights=random_weights(config, seed=seed, device="cuda:0", dtype=dtype),
@@ -95,7 +101,7 @@ def test_tp_equals_one_gpu(model, tp, tmp_path, monkeypatch):
         assert got[key].shape == ref.shape, key
         assert torch.isfinite(got[key]).all(), key
         err = (got[key] - ref).abs().max().item()
-        assert err <= rtol * scale, f"{model} tp{tp} {key}: max error {err} vs scale {scale}"
+        assert err <= rtol * scale, f"{label} {key}: max error {err} vs scale {scale}"
     # the captured graph replays exactly what the eager nano-batched run computed
     assert (got["graph"] - got["nano"]).abs().max().item() <= rtol / 3 * scale
     del ref_engine
@@ -147,17 +153,4 @@ def test_tp_gather_form_equals_one_gpu(model, tp, gather_tokens, tmp_path, monke
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
     got = torch.load(out)
-    ref_engine = Engine.from_schedule(single_gpu_reference(schedule), device="cuda:0",
-                                      weights=random_weights(config, seed=seed, device="cuda:0", dtype=dtype),
-                                      dtype=dtype)
-    ref = ref_engine.run(ref_engine.synthetic_batch(seed=batch_seed)).cpu()
-    scale = ref.abs().max().item()
-    assert torch.isfinite(ref).all() and scale > 0
-    for key in ("nano", "sequential", "graph"):
-        assert got[key].shape == ref.shape, key
-        assert torch.isfinite(got[key]).all(), key
-        err = (got[key] - ref).abs().max().item()
-        assert err <= rtol * scale, f"{model} tp{tp} g{gather_tokens} {key}: max error {err} vs scale {scale}"
-    assert (got["graph"] - got["nano"]).abs().max().item() <= rtol / 3 * scale
-    del ref_engine
-    torch.cuda.empty_cache()
+    _matches_one_gpu(got, schedule, seed, batch_seed, dtype, rtol, f"{model} tp{tp} g{gather_tokens}")

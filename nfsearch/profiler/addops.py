@@ -33,7 +33,13 @@ from nfrt.config import ModelConfig
 from nfsearch.errors import NfsearchError
 from nfsearch.profile import CLOCK_COLUMN, LATENCY_COLUMNS, Profile, save_profile
 from nfsearch.profiler.grid import CONTEXT_OPS, Point, ProfileGrid, profiled_layer_ops
-from nfsearch.profiler.sustained import measure_sustained, measured_factors, pooled, table_offset
+from nfsearch.profiler.sustained import (
+    measure_sustained,
+    measured_factors,
+    pooled,
+    profile_reference,
+    table_offset,
+)
 
 NOTE_PREFIX = "added ops: "
 
@@ -115,7 +121,8 @@ def add_ops(profile: Profile, model: ModelConfig, tp: int, grid: ProfileGrid, ti
     sustained, sus_note = profile.sustained, ""
     if sus_rows:
         offset = table_offset(profile.sustained)
-        added = pooled(measured_factors(sus_rows), offset)[0]
+        solo_only = Profile(profile.meta, latency, profile.interference)  # the new ops' own points
+        added = pooled(measured_factors(sus_rows, profile_reference(solo_only)), offset)[0]
         sustained = pd.concat([profile.sustained, added], ignore_index=True)
         toks, sms = "/".join(map(str, grid.sustained_tokens)), "/".join(map(str, grid.sustained_sms))
         sus_note = (f"; sustained factors of {', '.join(held)} at {toks} tokens on {sms} SMs, stored as "

@@ -44,7 +44,12 @@ from nfsearch.profiler.grid import (
     profiles_gather,
     split_pairs,
 )
-from nfsearch.profiler.sustained import measure_sustained, sustained_table
+from nfsearch.profiler.sustained import (
+    measure_sustained,
+    profile_reference,
+    sustained_table,
+    with_sustained,
+)
 
 PARTIAL_FORMAT = "nfsearch-profile-partial"
 NVLINK_PROBE_MIB = 512  # the all-reduce that measures meta.nvlink_gbps under TP
@@ -266,10 +271,8 @@ def build_profile(model: ModelConfig, tp: int, grid: ProfileGrid, state: dict[st
                    f"{NVLINK_PROBE_MIB} MiB bf16 all-reduce over the {tp} GPUs (median)")
     else:
         nv_note = "nvlink_gbps is the datasheet value (not measured)"
-    sus, sus_note = sustained_table(state["sustained"])
     notes = (f"measured by nfsearch profile ({grid_name} grid); {method} Ceilings: bf16 GEMM 8192^3 and a "
-             f"1 GiB device copy (read + write). {nv_note}. {inter_note}."
-             + (f" | {sus_note}" if sus_note else ""))
+             f"1 GiB device copy (read + write). {nv_note}. {inter_note}.")
     meta = ProfileMeta(
         source="measured", model=model.name, tp=tp, gpu=gpu_slug, gpu_name=stamp["gpu_name"],
         num_sms=int(stamp["num_sms"]), sm_granularity=sm_granularity, peak_tflops=float(ceil["peak_tflops"]),
@@ -278,5 +281,10 @@ def build_profile(model: ModelConfig, tp: int, grid: ProfileGrid, state: dict[st
         date=stamp.get("date") or _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         nfsearch_version=nfsearch.__version__, notes=notes)
     columns = list(LATENCY_COLUMNS) + ([CLOCK_COLUMN] if clocked else [])
-    return Profile(meta, pd.DataFrame(lat_rows, columns=columns),
-                   pd.DataFrame(inter, columns=list(INTERFERENCE_COLUMNS)), sus)
+    burst = Profile(meta, pd.DataFrame(lat_rows, columns=columns),
+                    pd.DataFrame(inter, columns=list(INTERFERENCE_COLUMNS)))
+    # the factors are over the latencies they multiply: this profile's own points
+    sus, sus_note = sustained_table(state["sustained"], profile_reference(burst))
+    if sus.empty:
+        return burst
+    return with_sustained(burst, sus, sus_note)

@@ -48,27 +48,47 @@ def measure_sustained(model: ModelConfig, tp: int, grid: ProfileGrid, timer: Any
     return out
 
 
-def sustained_table(rows_by_sms: dict[str, list[list[Any]]]) -> tuple[pd.DataFrame, str]:
+# (op, tokens, context, num_sms) -> the profile's own (burst) latency of that point, us
+Reference = Callable[[str, int, int, int], float]
+
+
+def sustained_table(rows_by_sms: dict[str, list[list[Any]]],
+                    reference: Reference | None = None) -> tuple[pd.DataFrame, str]:
     """The profile's sustained table and a sentence for meta.notes: the measured factors
-    (sustained / burst per point), each (op, tokens) replaced by its median over the SM counts
-    (`across_sms`)."""
-    raw = measured_factors(rows_by_sms)
+    (sustained us over the profile's latency of the point, `measured_factors`), each (op, tokens)
+    replaced by its median over the SM counts (`across_sms`)."""
+    raw = measured_factors(rows_by_sms, reference)
     if raw.empty:
         return raw, ""
     table, offset = pooled(raw)
-    return table, table_note(raw, table, offset)
+    return table, table_note(raw, table, offset, reference is not None)
 
 
-def measured_factors(rows_by_sms: dict[str, list[list[Any]]]) -> pd.DataFrame:
-    """The measured factor (sustained / burst) of every point, as rows of the sustained table."""
+def measured_factors(rows_by_sms: dict[str, list[list[Any]]],
+                     reference: Reference | None = None) -> pd.DataFrame:
+    """The measured factor of every point, as rows of the sustained table: its sustained latency
+    over `reference` (the profile's own latency of that point, the one the factor multiplies in
+    `Profile.latency_us`); without a reference, over the burst timing taken beside it.
+
+    Why the profile's latency: the burst timing beside a held point is taken right after the heater
+    (or the previous point's held replays), at a clock already pulled down, so for the GEMMs that
+    draw the most power it is itself slow and the ratio comes out near 1 (llama3-70b TP 4 gate_up at
+    2048 tokens: 1.08 over it, while the pipeline runs it 1.20x the profile's point, RESULTS.md
+    session 11)."""
     rows = []
     for s, measured in rows_by_sms.items():
-        for op, t, _, burst, held in measured:
-            if not (float(burst) > 0 and float(held) > 0):
-                raise NfsearchError(f"sustained point {op} at {t} tokens on {s} SMs: burst ({burst}) or "
+        for op, t, c, burst, held in measured:
+            base = float(burst) if reference is None else float(reference(str(op), int(t), int(c), int(s)))
+            if not (base > 0 and float(held) > 0):
+                raise NfsearchError(f"sustained point {op} at {t} tokens on {s} SMs: burst ({base}) or "
                                     f"sustained ({held}) latency is not positive")
-            rows.append([str(op), int(t), int(s), float(held) / float(burst)])
+            rows.append([str(op), int(t), int(s), float(held) / base])
     return pd.DataFrame(rows, columns=list(SUSTAINED_COLUMNS))
+
+
+def profile_reference(profile: Profile) -> Reference:
+    """The profile's burst latency of a point (interpolated where the point is off its grid)."""
+    return lambda op, t, c, s: profile.latency_us(op, t, c, s, sustained=False)
 
 
 def across_sms(raw: pd.DataFrame) -> pd.DataFrame:
@@ -113,17 +133,18 @@ def table_offset(table: pd.DataFrame) -> float:
     return float(ratio.median()) if len(ratio) else 1.0
 
 
-def table_note(raw: pd.DataFrame, table: pd.DataFrame, offset: float) -> str:
+def table_note(raw: pd.DataFrame, table: pd.DataFrame, offset: float, over_profile: bool = False) -> str:
     """The meta.notes sentence of a sustained table measured as `raw` and stored as `pooled(raw)`
-    = (table, offset)."""
+    = (table, offset); `over_profile`: the factors are over the profile's own latencies."""
     sms = sorted({int(x) for x in raw["num_sms"]})
     toks = sorted({int(x) for x in raw["tokens"]})
     med = table["factor"]
     spread = raw["factor"].to_numpy() / med.to_numpy()
+    over = "the profile's latency of the point" if over_profile else "the burst latency beside it"
     return (f"{NOTE_PREFIX}{len(raw)} points ({', '.join(sorted(set(raw['op'])))} at "
             f"{'/'.join(map(str, toks))} tokens on {'/'.join(map(str, sms))} SMs), measured factor = "
-            f"sustained / burst latency {raw['factor'].min():.3f}..{raw['factor'].max():.3f}; stored: per op "
-            f"and tokens the median over the partitions, on all SMs times the profile's all-SM offset "
+            f"sustained latency / {over} {raw['factor'].min():.3f}..{raw['factor'].max():.3f}; stored: "
+            f"per op and tokens the median over the partitions, on all SMs times the profile's all-SM offset "
             f"{offset:.3f}, {med.min():.3f}..{med.max():.3f} (the points lie within "
             f"{spread.min():.3f}..{spread.max():.3f} of it); latencies are charged burst x factor "
             f"(docs/profile-format.md, \"Sustained clock\")")
@@ -151,7 +172,7 @@ def add_sustained(profile: Profile, model: ModelConfig, tp: int, grid: ProfileGr
     finally:
         if bar is not None:
             bar.close()
-    new = with_sustained(profile, *sustained_table(rows))
+    new = with_sustained(profile, *sustained_table(rows, profile_reference(profile)))
     if leader:
         save_profile(new, out)
     return new
