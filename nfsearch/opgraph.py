@@ -13,6 +13,7 @@ from typing import Literal, NamedTuple
 
 import networkx as nx
 from nfrt.config import BatchComposition, ModelConfig
+from nfrt.schedule import GATHER_OPS as GATHER_OPS
 
 from nfsearch.errors import NfsearchError
 from nfsearch.models import check_tp
@@ -26,9 +27,9 @@ _B = 2  # bytes per bf16 element
 _KINDS = ("compute", "memory", "network", "other")
 _TOKEN_CLASSES = ("all", "decode", "prefill", "gather", "reduce")
 # The all-gather form of the attention output (docs/tensor-parallel.md, "The all-gather form"): the
-# tokens of class `gather` (a prefix of the dense batch, chosen by the search) run these instead of
-# o_proj + attn_allreduce, which then act on the rest (class `reduce`).
-GATHER_OPS = ("attn_allgather", "o_proj_col", "o_allgather")
+# tokens of class `gather` (a prefix of the dense batch, chosen by the search) run GATHER_OPS (the
+# schedule contract's names) instead of o_proj + attn_allreduce, which then act on the rest
+# (class `reduce`).
 _SCOPES = ("token", "prefix")
 
 

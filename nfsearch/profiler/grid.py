@@ -17,7 +17,7 @@ from typing import Any
 from nfrt.config import ModelConfig
 
 from nfsearch.errors import NfsearchError
-from nfsearch.opgraph import GATHER_OPS, OpSpec, gather_form_ok, layer_ops, tail_ops
+from nfsearch.opgraph import OpSpec, gather_form_ok, layer_ops, tail_ops
 
 # Decode attention and prefill attention have a context axis; every other op is profiled at 0.
 CONTEXT_OPS = ("attn_decode", "attn_prefill")
@@ -201,8 +201,9 @@ def profiled_ops(model: ModelConfig, tp: int = 1) -> tuple[str, ...]:
 
 
 def profiles_gather(model: ModelConfig, tp: int = 1) -> bool:
-    """Whether a new profile of `model` at `tp` holds the all-gather form's ops."""
-    return bool(set(GATHER_OPS) & set(profiled_ops(model, tp)))
+    """Whether a new profile of `model` at `tp` holds the all-gather form's ops
+    (`profiled_layer_ops` adds them exactly when the model can run the form)."""
+    return gather_form_ok(model, tp)
 
 
 Point = tuple[str, int, int]  # (op, tokens, context)

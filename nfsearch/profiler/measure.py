@@ -188,7 +188,8 @@ class GpuTimer:
                 f"%clock64 spin timed with CUDA events (nfsearch.profiler.clock). Sustained table: "
                 f"each point timed as above (burst, the better of one before and one after), then "
                 f"replayed between heater GEMMs on all SMs for {self.grid.sustained_s:g} s on the same "
-                f"partition (nfsearch.profiler.held), factor = median replay of the second half / burst."
+                f"partition (nfsearch.profiler.held), factor = median replay of the second half / the "
+                f"profile's own latency of the point."
                 + (" GEMMs on a partition of s SMs run through cuBLASLt with SM count target s "
                    "(nfrt.gemm_target), as in the engine." if gemm_target_enabled() else "")
                 + (f" Tensor parallel over {self.tp} GPUs: each op on the rank's shard (per-GPU shapes); "

@@ -37,7 +37,7 @@ from nfrt.kvcache import PAGE_SIZE, KVCache
 from nfrt.layout import position_sum, prefill_chunks
 from nfrt.loop_stats import LoopStats, Stopwatch
 from nfrt.sampling import SamplingParams, request_key, sample
-from nfrt.schedule import Schedule, standard_layer
+from nfrt.schedule import Schedule
 from nfrt.scheduler import Item, Plan, Request, Scheduler
 from nfrt.staging import ServingShape, StaticBatch
 from nfrt.weights import Weights
@@ -165,8 +165,7 @@ class LLM:
         and the activation buffers (the two shapes never run at once: one stream)."""
         meta = self.engine.schedule.metadata
         comp = BatchComposition(slots, slots, 0, meta.batch.decode_context, 0)
-        seq = Schedule.sequential(replace(meta, dense_batch=slots, batch=comp, gather_tokens=0),
-                                  standard_layer(self.engine.schedule.layer))
+        seq = Schedule.sequential(replace(meta, dense_batch=slots, batch=comp), self.engine.schedule.layer)
         return Engine(seq, self.engine.model, use_partitions=False)
 
     def _capture(self, shape: _Shape) -> None:

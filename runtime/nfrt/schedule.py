@@ -304,11 +304,15 @@ class Schedule(_Record):
 
     @classmethod
     def sequential(cls, metadata: Metadata, layer: tuple[LayerOp, ...]) -> Schedule:
-        """One partition of all SMs, one stream, one nano-batch, one nano-op per layer op."""
+        """One partition of all SMs, one stream, one nano-batch, one nano-op per op of the standard
+        layer of `layer` (`standard_layer`: the sequential baseline never takes the all-gather form,
+        gather_tokens 0)."""
+        layer = standard_layer(layer)
         n, dense = metadata.num_sms, metadata.dense_batch
         ops = tuple(NanoOp(name=f"{op}.0", ops=(op,), tokens=(0, dense), num_sms=n)
                     for op in schedule_validate.layer_order(layer))
-        meta = replace(metadata, solver=SolverInfo(name="sequential", policy="sequential", status="n/a"))
+        meta = replace(metadata, gather_tokens=0,
+                       solver=SolverInfo(name="sequential", policy="sequential", status="n/a"))
         return cls(schema_version=SCHEMA_VERSION, metadata=meta, layer=tuple(layer),
                    partitions=(Partition(name="all", num_sms=n, first_sm=0),),
                    streams=(Stream(name="main", kind="mixed", partition="all", nano_ops=ops),),
@@ -316,11 +320,9 @@ class Schedule(_Record):
 
     def as_sequential(self, num_sms: int | None = None) -> Schedule:
         """The sequential baseline of this schedule: same model and batch, the standard
-        (reduce-form) layer graph (`standard_layer`), gather_tokens 0."""
-        meta = replace(self.metadata, gather_tokens=0)
-        if num_sms is not None:
-            meta = replace(meta, num_sms=num_sms)
-        return Schedule.sequential(meta, standard_layer(self.layer))
+        (reduce-form) layer graph (`Schedule.sequential`)."""
+        meta = self.metadata if num_sms is None else replace(self.metadata, num_sms=num_sms)
+        return Schedule.sequential(meta, self.layer)
 
     def check_compatible(self, model_name: str, num_sms: int,
                          schema_version_supported: int = SCHEMA_VERSION) -> None:

@@ -259,4 +259,4 @@ def single_gpu_reference(schedule: Schedule) -> Schedule:
 
     layer = tuple(replace(op, deps=tuple(redirect(d) for d in op.deps))
                   for op in std if op.kind != "network")
-    return Schedule.sequential(replace(schedule.metadata, tp=1, gather_tokens=0), layer)
+    return Schedule.sequential(replace(schedule.metadata, tp=1), layer)
