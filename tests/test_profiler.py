@@ -17,13 +17,15 @@ from nfsearch.gpus import partition_sizes, resolve_gpu
 from nfsearch.models import resolve_model
 from nfsearch.opgraph import GATHER_OPS, layer_ops, op_tokens, tail_ops
 from nfsearch.profile import Profile, load_profile, save_profile, shipped_profile_path
-from nfsearch.profiler.addops import add_ops, add_ops_grid, missing_ops
+from nfsearch.profiler.addops import add_ops, add_ops_grid, missing_ops, profile_heat
+from nfsearch.profiler.command import DEFAULT_HEAT
 from nfsearch.profiler.grid import (
     CORUN_KINDS,
     ProfileGrid,
     corun_sets,
     full_grid,
     grid_point_count,
+    heat_label,
     interference_ops,
     network_ops,
     op_points,
@@ -35,7 +37,7 @@ from nfsearch.profiler.grid import (
 )
 from nfsearch.profiler.plot import latency_spread, pr_curves
 from nfsearch.profiler.run import aggregate_interference, partial_path, run_profile
-from nfsearch.profiler.sustained import table_offset
+from nfsearch.profiler.sustained import note_heat, table_offset
 from nfsearch.workload import compose_batch, parse_workload
 
 
@@ -634,7 +636,11 @@ def test_shipped_tp_profiles_load_unchanged_and_take_the_gather_ops(tmp_path) ->
         prof = _without(full, GATHER_OPS)
         path = save_profile(prof, tmp_path / f"old-{shipped.name}")
         assert missing_ops(prof, model, prof.meta.tp) == GATHER_OPS
-        g = add_ops_grid(prof, model, prof.meta.tp, quick_grid(132, 8, 8, 120))
+        # held against the profile's own heater (the layer for mixtral TP 2, the GEMMs for llama3-70b TP 4)
+        base = profile_heat(prof, model, prof.meta.tp, quick_grid(132, 8, 8, 120), resolve_gpu(prof.meta.gpu),
+                            None, DEFAULT_HEAT)
+        assert heat_label(base) == note_heat(prof.meta.notes)
+        g = add_ops_grid(prof, model, prof.meta.tp, base)
         t = _ClockedTimer(random.randrange(1 << 30))
         t.scale.update({op: 1.0 for op in profiled_ops(model, prof.meta.tp)})
         out = tmp_path / f"new-{shipped.name}"

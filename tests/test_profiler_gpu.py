@@ -56,7 +56,8 @@ def test_tiny_profile_end_to_end(tmp_path, name: str) -> None:
     f = float(prof.latency["sm_clock_mhz"].median())
     at_half = prof.latency_us("qkv_proj", 128, 0, s, clock_mhz=f / 2)
     assert at_half == pytest.approx(2 * prof.latency_us("qkv_proj", 128, 0, s, clock_mhz=f))
-    # the sustained table: every layer op on both sizes, timed between heater GEMMs: never faster
+    # the sustained table: every layer op on both sizes, timed between replays of the grid's heater
+    # (the GEMMs: _tiny_grid names no workload): never faster
     # than 0.75x its burst time, and a pulled-down clock slows by well under 2x
     from nfsearch.profiler.grid import sustained_points
     from nfsearch.profiler.sustained import add_sustained
@@ -66,6 +67,18 @@ def test_tiny_profile_end_to_end(tmp_path, name: str) -> None:
     assert prof.sustained["factor"].between(0.75, 2.0).all(), prof.sustained
     again = add_sustained(prof, model, 1, grid, timer, tmp_path / "again.json", s)
     assert again.latency.equals(prof.latency) and again.sustained["factor"].between(0.75, 2.0).all()
+    # held against the model's own layer (every op of it captured in one graph) instead
+    from dataclasses import replace
+
+    from nfsearch.profiler.grid import heat_label, heat_points
+    from nfsearch.profiler.sustained import note_heat
+
+    layer = replace(grid, heat="splitwise", heat_batch=(64, 256, 64, 128))
+    assert [p[0] for p in heat_points(model, 1, layer)] == list(profiled_ops(model, 1))[:-2]  # no tail
+    layer_timer = GpuTimer(model, 1, layer, rotate_layers=2, kv_pool_bytes=64 << 20)
+    layered = add_sustained(prof, model, 1, layer, layer_timer, tmp_path / "layer.json", s)
+    assert note_heat(layered.meta.notes) == heat_label(layer) != heat_label(grid)
+    assert layered.latency.equals(prof.latency) and layered.sustained["factor"].between(0.75, 2.0).all()
 
 
 def test_clock_probe_reads_the_sm_clock() -> None:
@@ -125,8 +138,8 @@ def tp2_profile(tmp_path_factory) -> Path:
 @two_gpus
 def test_tp2_profile_end_to_end(tp2_profile: Path) -> None:
     """`nfsearch profile --tp 2` re-runs itself as two processes; rank 0 writes a profile with the
-    network ops, the all-gather form's ops, the network interference pairs and a measured NVLink
-    bandwidth."""
+    network ops, the all-gather form's ops, the network interference pairs, a measured NVLink
+    bandwidth, and a sustained table held against the layer heater."""
     prof = load_profile(tp2_profile)
     assert prof.meta.tp == 2
     assert set(prof.ops()) == set(profiled_ops(resolve_model("tiny-llama"), 2)) >= set(GATHER_OPS)
@@ -135,6 +148,10 @@ def test_tp2_profile_end_to_end(tp2_profile: Path) -> None:
             us = prof.latency_us(op, 1024, 0, s)
             assert 1.0 < us < 10_000.0, (op, s, us)
     assert "o_proj_col" in set(prof.sustained["op"])
+    # held against the default heater on a built-in GPU, the model's layer (no collectives in it)
+    from nfsearch.profiler.sustained import note_heat
+
+    assert note_heat(prof.meta.notes).startswith("the model's layer on all SMs on splitwise's batch")
     kinds = set(zip(prof.interference["kind"], prof.interference["other_kind"], strict=True))
     assert {("network", "compute"), ("compute", "network"), ("network", "memory"),
             ("memory", "network")} <= kinds

@@ -31,11 +31,13 @@ import pandas as pd
 from nfrt.config import ModelConfig
 
 from nfsearch.errors import NfsearchError
+from nfsearch.gpus import GpuSpec
 from nfsearch.profile import CLOCK_COLUMN, LATENCY_COLUMNS, Profile, save_profile
-from nfsearch.profiler.grid import CONTEXT_OPS, Point, ProfileGrid, profiled_layer_ops
+from nfsearch.profiler.grid import CONTEXT_OPS, Point, ProfileGrid, heat_label, profiled_layer_ops, with_heat
 from nfsearch.profiler.sustained import (
     measure_sustained,
     measured_factors,
+    note_heat,
     pooled,
     profile_reference,
     table_offset,
@@ -70,6 +72,28 @@ def _check(profile: Profile, model: ModelConfig, tp: int, num_sms: int) -> tuple
     return missing
 
 
+def profile_heat(profile: Profile, model: ModelConfig, tp: int, grid: ProfileGrid, gpu: GpuSpec | None,
+                 heat: str | None, default: str) -> ProfileGrid:
+    """`grid` with the heater the profile's sustained table was held against (its notes name it,
+    `note_heat`), so that new ops are held as the rest were: `heat` if given (it must be that one),
+    else whichever of gemm and `default` it is. Without a sustained table: `grid` as it is."""
+    if not profile.has_sustained:
+        return grid
+    want = note_heat(profile.meta.notes)
+    tried = []
+    for h in ([heat] if heat else ["gemm", default]):
+        try:
+            g = with_heat(grid, model, tp, h, gpu)
+        except NfsearchError as e:
+            tried.append(f"{h} ({e})")
+            continue
+        if heat_label(g) == want:
+            return g
+        tried.append(f"{h}: {heat_label(g)}")
+    raise NfsearchError(f"--add-ops: the profile's sustained table was held against {want}; "
+                        f"no heater here matches ({'; '.join(tried)}): pass --heat with its workload")
+
+
 def add_ops_grid(profile: Profile, model: ModelConfig, tp: int, base: ProfileGrid) -> ProfileGrid:
     """The grid that --add-ops walks (and its timer is built for): `base` (repeats, durations) with
     the profile's SM sizes, o_proj's token counts in the profile (tokens above 0) as the token grid
@@ -101,6 +125,10 @@ def add_ops(profile: Profile, model: ModelConfig, tp: int, grid: ProfileGrid, ti
     points: list[Point] = [(op, t, 0) for op in missing for t in grid.tokens]
     kinds = {op.name: op.kind for op in profiled_layer_ops(model, tp)}
     held = [op for op in missing if kinds[op] != "network"] if profile.has_sustained else []
+    if held and heat_label(grid) != note_heat(profile.meta.notes):
+        raise NfsearchError(f"--add-ops: the profile's sustained table was held against "
+                            f"{note_heat(profile.meta.notes)}, this grid's heater is {heat_label(grid)} "
+                            f"(build the grid with profile_heat)")
     held_points: list[Point] = [(op, t, 0) for op in held for t in grid.sustained_tokens]
     total = len(points) * len(grid.sms) + len(held_points) * len(grid.sustained_sms)
     bar = progress(total, 0) if progress and leader else None
@@ -125,7 +153,8 @@ def add_ops(profile: Profile, model: ModelConfig, tp: int, grid: ProfileGrid, ti
         added = pooled(measured_factors(sus_rows, profile_reference(solo_only)), offset)[0]
         sustained = pd.concat([profile.sustained, added], ignore_index=True)
         toks, sms = "/".join(map(str, grid.sustained_tokens)), "/".join(map(str, grid.sustained_sms))
-        sus_note = (f"; sustained factors of {', '.join(held)} at {toks} tokens on {sms} SMs, stored as "
+        sus_note = (f"; sustained factors of {', '.join(held)} at {toks} tokens on {sms} SMs, held between "
+                    f"replays of the table's heater, stored as "
                     f"the table's: per op and tokens the median over the partitions, on all SMs times "
                     f"the table's all-SM offset {offset:.3f} (read back from its rows)")
     date = stamp.get("date") or _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -21,9 +21,13 @@ from typing import Any
 
 from nfrt.config import ModelConfig
 
+from nfsearch.config import SolveConfig
 from nfsearch.errors import NfsearchError
 from nfsearch.gpus import gpu_slug_for_device_name, resolve_gpu
 from nfsearch.models import check_tp, model_names, resolve_model
+
+# The layer of the default workload: its power draw is the pipeline's (RESULTS.md, session 12).
+DEFAULT_HEAT = SolveConfig().workload
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,15 +41,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from <out>.partial.json, skipping what it holds")
     p.add_argument("--add-sustained", action="store_true",
-                   help="measure only the sustained-clock table (each layer op timed between heater GEMMs, "
-                        "at the power-limited clock) and write the existing profile at --out / the default "
-                        "path with it")
+                   help="measure only the sustained-clock table (each layer op timed between replays of "
+                        "the --heat heater, at the power-limited clock) and write the existing profile at "
+                        "--out / the default path with it")
     p.add_argument("--add-ops", action="store_true",
                    help="measure only the layer ops the existing profile (--profile, else --out / the "
                         "default path) lacks, e.g. the all-gather form's attn_allgather, o_proj_col and "
                         "o_allgather under --tp, on its own SM and token grids (and its sustained table), "
                         "and write it with them added at --out (default: the file read); every other row "
                         "is kept")
+    p.add_argument("--heat", default=None, metavar="gemm|WORKLOAD",
+                   help="the heater the sustained table is held against: a workload (the model's own "
+                        "layer on its batch, as solve composes it) or gemm (two bf16 8192^3 GEMMs); "
+                        f"default: {DEFAULT_HEAT} on a built-in GPU, gemm on others; --add-ops: the "
+                        "profile's own")
     p.add_argument("--device", type=int, default=0, help="CUDA device index (default: %(default)s)")
     p.add_argument("--plot", metavar="PNG", default=None,
                    help="draw P(R) curves per op kind of an existing profile (--profile, or the one at "
@@ -120,13 +129,14 @@ def _measure(args: argparse.Namespace, model: ModelConfig, torch: Any, group: An
     leader = group is None or group.rank == 0
 
     from nfsearch.profile import profile_filename, profiles_root
-    from nfsearch.profiler.grid import full_grid, quick_grid
+    from nfsearch.profiler.grid import full_grid, quick_grid, with_heat
     from nfsearch.profiler.measure import GpuTimer
     from nfsearch.profiler.run import run_profile
 
     name = torch.cuda.get_device_name(args.device)
     props = torch.cuda.get_device_properties(args.device)
     slug = gpu_slug_for_device_name(name)
+    spec = None
     if slug is not None:
         spec = resolve_gpu(slug)
         gran, min_sms, nvlink = spec.sm_granularity, spec.min_partition_sms, spec.nvlink_gbps
@@ -141,8 +151,10 @@ def _measure(args: argparse.Namespace, model: ModelConfig, torch: Any, group: An
     grid = (quick_grid if args.quick else full_grid)(props.multi_processor_count, gran, min_sms, placed)
     out = Path(args.out) if args.out else profiles_root() / slug / profile_filename(model.name, args.tp)
     t0 = time.perf_counter()
+    heat = getattr(args, "heat", None)
     if getattr(args, "add_ops", False):
-        return _add_ops(args, model, grid, out, group, leader, t0)
+        return _add_ops(args, model, grid, out, group, leader, t0, spec)
+    grid = with_heat(grid, model, args.tp, heat or (DEFAULT_HEAT if spec is not None else "gemm"), spec)
     base = None
     if args.add_sustained:
         from nfsearch.profile import load_profile
@@ -175,16 +187,18 @@ def _measure(args: argparse.Namespace, model: ModelConfig, torch: Any, group: An
 
 
 def _add_ops(args: argparse.Namespace, model: ModelConfig, base_grid: Any, out: Path, group: Any,
-             leader: bool, t0: float) -> int:
+             leader: bool, t0: float, gpu: Any) -> int:
     """--add-ops: read the profile, measure the layer ops it lacks, write it with them (rank 0)."""
     from nfsearch.profile import load_profile
-    from nfsearch.profiler.addops import add_ops, add_ops_grid, missing_ops
+    from nfsearch.profiler.addops import add_ops, add_ops_grid, missing_ops, profile_heat
     from nfsearch.profiler.measure import GpuTimer
 
     src = Path(args.profile) if args.profile else out
     dst = Path(args.out) if args.out else src
     base = load_profile(src)  # before the timer: a wrong path or a complete profile fails in seconds
-    grid = add_ops_grid(base, model, args.tp, base_grid)
+    grid = add_ops_grid(base, model, args.tp, profile_heat(base, model, args.tp, base_grid, gpu,
+                                                           args.heat, DEFAULT_HEAT))
+
     ops = missing_ops(base, model, args.tp)
     timer = GpuTimer(model, args.tp, grid, device=args.device, group=group)
     prof = add_ops(base, model, args.tp, grid, timer, dst, leader=leader, progress=_progress)

@@ -11,13 +11,16 @@ query below 64 tokens raises instead of being flattered.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from nfrt.config import ModelConfig
 
+from nfsearch.config import SolveConfig
 from nfsearch.errors import NfsearchError
+from nfsearch.gpus import GpuSpec
 from nfsearch.opgraph import OpSpec, gather_form_ok, layer_ops, tail_ops
+from nfsearch.workload import compose_batch, parse_workload
 
 # Decode attention and prefill attention have a context axis; every other op is profiled at 0.
 CONTEXT_OPS = ("attn_decode", "attn_prefill")
@@ -85,10 +88,15 @@ class ProfileGrid:
     placed_sms: int = 0
     corun_s: float = 0.4  # seconds each interference co-run is sustained (power-capped steady state)
     # the sustained-clock table: SM counts (a subset of sms; empty: no table), token counts, and
-    # the seconds each point is replayed between heater GEMMs (the second half is timed)
+    # the seconds each point is replayed between replays of the heater (the second half is timed)
     sustained_sms: tuple[int, ...] = ()
     sustained_tokens: tuple[int, ...] = ()
     sustained_s: float = 0.3
+    # the heater (nfsearch.profiler.held): "" for two bf16 8192^3 GEMMs on all SMs; else a workload
+    # name, and heat_batch = (decode tokens, decode context, prefill tokens, prefill context) its
+    # batch on this GPU: the model's own layer on that batch (`heat_points`), all SMs
+    heat: str = ""
+    heat_batch: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("sms", "tokens", "decode_requests", "decode_contexts", "prefill_tokens",
@@ -124,6 +132,26 @@ class ProfileGrid:
                                 f"sustained_sms is, got {st!r}")
         if not self.sustained_s > 0:
             raise NfsearchError(f"profile grid: sustained_s must be positive, got {self.sustained_s!r}")
+        self._check_heat()
+
+    def _check_heat(self) -> None:
+        hb = self.heat_batch
+        if not self.heat:
+            if hb:
+                raise NfsearchError(f"profile grid: heat_batch {hb!r} given without a heat workload")
+            return
+        if not isinstance(self.heat, str) or len(hb) != 4 or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in hb):
+            raise NfsearchError(f"profile grid: heat {self.heat!r} needs heat_batch = (decode tokens, decode "
+                                f"context, prefill tokens, prefill context), integers >= 0, got {hb!r}")
+        dec, dctx, pre, pctx = hb
+        if dec + pre < 1 or (dec and not dctx) or (pre and not pctx):
+            raise NfsearchError(f"profile grid: heat_batch {hb!r} must hold tokens, each class with a "
+                                f"positive context")
+        if dec + pre > self.tokens[-1] or dec > self.decode_requests[-1] or pre > self.prefill_tokens[-1]:
+            raise NfsearchError(f"profile grid: heat_batch {hb!r} exceeds the grid's largest batch "
+                                f"({self.tokens[-1]} tokens, {self.decode_requests[-1]} decode, "
+                                f"{self.prefill_tokens[-1]} prefill)")
 
     @property
     def num_sms(self) -> int:
@@ -233,6 +261,53 @@ def sustained_points(model: ModelConfig, tp: int, grid: ProfileGrid) -> list[Poi
 
     return [(op.name, t, context(op.name, t))
             for op in profiled_layer_ops(model, tp) if op.kind != "network" for t in grid.sustained_tokens]
+
+
+def heat_points(model: ModelConfig, tp: int, grid: ProfileGrid) -> list[Point]:
+    """(op, tokens, context) of the layer heater's launches, in layer order (empty for the GEMM
+    heater): every op of the model's standard layer but the collectives, on grid.heat_batch (decode
+    attention on its decode tokens, prefill attention on its prefill tokens, the rest on all).
+
+    Why the layer: the held clock is the one the heater's power draw leaves. Two 8192^3 GEMMs draw
+    more than an llama3-8b layer, in which decode attention (memory-bound) takes about a third of
+    the time, so factors held against them predicted llama3-8b 9-12% long (RESULTS.md, session 11).
+    The collectives are left out: they would need every rank's heater in lockstep, and in a
+    schedule they run beside the compute anyway."""
+    if not grid.heat:
+        return []
+    dec, dctx, pre, pctx = grid.heat_batch
+    size = {"decode": (dec, dctx), "prefill": (pre, pctx)}
+    out: list[Point] = []
+    for op in layer_ops(model, tp):
+        t, c = size.get(op.token_class, (dec + pre, 0))
+        if op.kind != "network" and t:
+            out.append((op.name, t, c))
+    return out
+
+
+def with_heat(grid: ProfileGrid, model: ModelConfig, tp: int, heat: str, gpu: GpuSpec | None) -> ProfileGrid:
+    """`grid` with its heater: "gemm", or a workload whose batch the layer heater runs, composed as
+    `nfsearch solve` composes it by default (SolveConfig's dense batch and granule) on `gpu`."""
+    if heat == "gemm":
+        return replace(grid, heat="", heat_batch=())
+    wl = parse_workload(heat)  # an unknown name raises, listing the valid ones
+    if gpu is None:
+        raise NfsearchError(f"--heat {heat}: the layer heater needs a built-in GPU (its memory sizes the "
+                            f"workload's batch); use --heat gemm on this one")
+    cfg = SolveConfig()
+    b = compose_batch(model, wl, gpu, tp, dense_batch=cfg.dense_batch, round_to=cfg.granularity_tokens).batch
+    return replace(grid, heat=wl.name,
+                   heat_batch=(b.decode_tokens, b.decode_context, b.prefill_tokens, b.prefill_context))
+
+
+def heat_label(grid: ProfileGrid | None) -> str:
+    """The heater of `grid` (None: the GEMM heater) in words, for the profile's notes (--add-ops
+    reads it back to hold new ops against the profile's own heater)."""
+    if grid is None or not grid.heat:
+        return "two bf16 8192^3 GEMMs on all SMs"
+    dec, dctx, pre, pctx = grid.heat_batch
+    return (f"the model's layer on all SMs on {grid.heat}'s batch ({dec} decode tokens at context {dctx}, "
+            f"{pre} prefill tokens of {pctx}-token prompts)")
 
 
 def split_pairs(grid: ProfileGrid) -> list[tuple[int, int]]:

@@ -52,7 +52,7 @@ from nfsearch.bench_measure import allreduce_busbw_gbps, ceilings, driver_versio
 from nfsearch.errors import NfsearchError
 from nfsearch.opgraph import GATHER_OPS
 from nfsearch.profiler.clock import ClockProbe
-from nfsearch.profiler.grid import Point, ProfileGrid, profiles_gather
+from nfsearch.profiler.grid import Point, ProfileGrid, heat_label, profiles_gather
 from nfsearch.profiler.run import NVLINK_PROBE_MIB, CoRun, Tick
 
 MAX_LAUNCHES = 64  # launches per captured graph (short ops); long ops get fewer, at least 1
@@ -100,7 +100,7 @@ class GpuTimer:
             device = self.group.device.index
         torch.cuda.set_device(device)
         self.dev = torch.device("cuda", device)
-        self.tp, self.grid, self.target_us, self.seed = tp, grid, target_us, seed
+        self.model, self.tp, self.grid, self.target_us, self.seed = model, tp, grid, target_us, seed
         self.layers = min(rotate_layers, model.num_layers)
         full = replace(model, num_layers=self.layers)
         cfg = shard_config(full, tp)  # the rank's shard: per-GPU shapes
@@ -120,12 +120,7 @@ class GpuTimer:
         self.max_all = max(grid.tokens[-1], inter_t, held_t)
         self.max_dec = max(grid.decode_requests[-1], grid.interference_decode[0], held_t)
         self.max_pre = max(grid.prefill_tokens[-1], inter_t, held_t)
-        self.m = Model(cfg, self.w, max(self.max_all, self.max_dec, self.max_pre), self.kv, self.dev,
-                       tp=self.group)
-        for name in ("hidden", "residual", "normed", "qkv", "attn_out", "gate_up", "act", "moe_gate_up",
-                     "moe_act", "router_logits", "gather_attn", "attn_full", "o_col", "gather_hidden"):
-            if hasattr(self.m, name):
-                getattr(self.m, name).normal_(0.0, 1.0)
+        self.m = self.model_copy()
         self._buffers: dict[tuple[str, int], BatchBuffers] = {}
         self._bound: tuple[str, int] | None = None
         self._est: dict[tuple[str, int, int], float] = {}  # per-launch us, for choosing N
@@ -186,10 +181,9 @@ class GpuTimer:
                 f"after a warm-up co-run (power-capped steady state); solo timed the same way, same stream. "
                 f"sm_clock_mhz: the SM clock right after each point's timed replays, from a one-warp "
                 f"%clock64 spin timed with CUDA events (nfsearch.profiler.clock). Sustained table: "
-                f"each point timed as above (burst, the better of one before and one after), then "
-                f"replayed between heater GEMMs on all SMs for {self.grid.sustained_s:g} s on the same "
-                f"partition (nfsearch.profiler.held), factor = median replay of the second half / the "
-                f"profile's own latency of the point."
+                f"each point replayed for {self.grid.sustained_s:g} s on its partition, each replay "
+                f"between two of a heater, {heat_label(self.grid)} (nfsearch.profiler.held), factor = "
+                f"median replay of the second half / the profile's own latency of the point."
                 + (" GEMMs on a partition of s SMs run through cuBLASLt with SM count target s "
                    "(nfrt.gemm_target), as in the engine." if gemm_target_enabled() else "")
                 + (f" Tensor parallel over {self.tp} GPUs: each op on the rank's shard (per-GPU shapes); "
@@ -212,7 +206,23 @@ class GpuTimer:
             out["nvlink_gbps"] = allreduce_busbw_gbps(self.group, NVLINK_PROBE_MIB << 20)
         return out
 
+    def model_copy(self) -> Model:
+        """A Model over the timer's weights and KV cache with activation buffers of its own, filled
+        with random values (never time on zeros; the layer heater runs on one of these)."""
+        m = Model(self.cfg, self.w, max(self.max_all, self.max_dec, self.max_pre), self.kv, self.dev,
+                  tp=self.group)
+        for name in ("hidden", "residual", "normed", "qkv", "attn_out", "gate_up", "act", "moe_gate_up",
+                     "moe_act", "router_logits", "gather_attn", "attn_full", "o_col", "gather_hidden"):
+            if hasattr(m, name):
+                getattr(m, name).normal_(0.0, 1.0)
+        return m
+
     # ---- batches and launchers -----------------------------------------------------------
+    def batch_of(self, op: str, context: int) -> BatchBuffers:
+        """The synthetic batch an op's points read (bound to the timer's model)."""
+        kind = {"attn_decode": "decode", "attn_prefill": "prefill"}.get(op, "all")
+        return self._bind(kind, context if kind != "all" else 0)
+
     def _bind(self, kind: str, context: int) -> BatchBuffers:
         key = (kind, context)
         if key not in self._buffers:
@@ -238,8 +248,7 @@ class GpuTimer:
     def _launcher(self, op: str, tokens: int, context: int):
         """Bind the op's batch; return fn(i) that issues launch i (layer i mod the rotation)."""
         m, t, L = self.m, tokens, self.layers
-        kind = {"attn_decode": "decode", "attn_prefill": "prefill"}.get(op, "all")
-        buf = self._bind(kind, context if kind != "all" else 0)
+        buf = self.batch_of(op, context)
         if op == "final_norm":  # Model.tail's pieces, on `tokens` tokens
             return lambda i: K.fused_add_rms_norm(m.hidden[:t], m.residual[:t], m.w["final_norm"], m.eps,
                                                   m.normed[:t], False)
@@ -331,7 +340,7 @@ class GpuTimer:
 
     def sustained(self, num_sms: int, points: list[Point], tick: Tick) -> list[tuple[float, float]]:
         """(burst us, sustained us) per launch of each point on a partition of `num_sms` SMs, the
-        sustained one between heater GEMMs (`nfsearch.profiler.held`)."""
+        sustained one between replays of the grid's heater (`nfsearch.profiler.held`)."""
         from nfsearch.profiler.held import held_points
 
         return held_points(self, num_sms, points, tick)

@@ -40,6 +40,7 @@ from nfsearch.profiler.grid import (
     ProfileGrid,
     corun_sets,
     grid_point_count,
+    heat_label,
     op_points,
     profiles_gather,
     split_pairs,
@@ -284,7 +285,7 @@ def build_profile(model: ModelConfig, tp: int, grid: ProfileGrid, state: dict[st
     burst = Profile(meta, pd.DataFrame(lat_rows, columns=columns),
                     pd.DataFrame(inter, columns=list(INTERFERENCE_COLUMNS)))
     # the factors are over the latencies they multiply: this profile's own points
-    sus, sus_note = sustained_table(state["sustained"], profile_reference(burst))
+    sus, sus_note = sustained_table(state["sustained"], profile_reference(burst), heat_label(grid))
     if sus.empty:
         return burst
     return with_sustained(burst, sus, sus_note)

@@ -20,11 +20,12 @@ from nfrt.config import ModelConfig
 from nfsearch.errors import NfsearchError
 from nfsearch.profile import Profile, save_profile
 from nfsearch.profile_sustained import SUSTAINED_COLUMNS
-from nfsearch.profiler.grid import Point, ProfileGrid, sustained_points
+from nfsearch.profiler.grid import Point, ProfileGrid, heat_label, sustained_points
 
 Tick = Callable[[int], None]
 # state["sustained"][str(num_sms)] rows: [op, tokens, context, burst us, sustained us]
 NOTE_PREFIX = "sustained table: "
+HEAT_PREFIX = "held between replays of a heater, "
 
 
 def measure_sustained(model: ModelConfig, tp: int, grid: ProfileGrid, timer: Any, tick: Tick,
@@ -35,6 +36,9 @@ def measure_sustained(model: ModelConfig, tp: int, grid: ProfileGrid, timer: Any
     on the grid's sustained SM counts); SM counts already in `done` are kept, and `checkpoint()`
     runs after each new one."""
     points = sustained_points(model, tp, grid) if points is None else points
+    held = getattr(timer, "grid", grid)  # the heater is the timer's (nfsearch.profiler.held)
+    if heat_label(held) != heat_label(grid):
+        raise NfsearchError(f"the timer's heater is {heat_label(held)}, the grid's {heat_label(grid)}")
     out = done if done is not None else {}
     for s in sorted(grid.sustained_sms, reverse=True):
         if str(s) in out or not points:
@@ -52,16 +56,17 @@ def measure_sustained(model: ModelConfig, tp: int, grid: ProfileGrid, timer: Any
 Reference = Callable[[str, int, int, int], float]
 
 
-def sustained_table(rows_by_sms: dict[str, list[list[Any]]],
-                    reference: Reference | None = None) -> tuple[pd.DataFrame, str]:
+def sustained_table(rows_by_sms: dict[str, list[list[Any]]], reference: Reference | None = None,
+                    heat: str = "") -> tuple[pd.DataFrame, str]:
     """The profile's sustained table and a sentence for meta.notes: the measured factors
     (sustained us over the profile's latency of the point, `measured_factors`), each (op, tokens)
-    replaced by its median over the SM counts (`across_sms`)."""
+    replaced by its median over the SM counts (`across_sms`). `heat`: the heater in words
+    (`nfsearch.profiler.grid.heat_label`), for the note."""
     raw = measured_factors(rows_by_sms, reference)
     if raw.empty:
         return raw, ""
     table, offset = pooled(raw)
-    return table, table_note(raw, table, offset, reference is not None)
+    return table, table_note(raw, table, offset, reference is not None, heat)
 
 
 def measured_factors(rows_by_sms: dict[str, list[list[Any]]],
@@ -133,21 +138,33 @@ def table_offset(table: pd.DataFrame) -> float:
     return float(ratio.median()) if len(ratio) else 1.0
 
 
-def table_note(raw: pd.DataFrame, table: pd.DataFrame, offset: float, over_profile: bool = False) -> str:
+def table_note(raw: pd.DataFrame, table: pd.DataFrame, offset: float, over_profile: bool = False,
+               heat: str = "") -> str:
     """The meta.notes sentence of a sustained table measured as `raw` and stored as `pooled(raw)`
-    = (table, offset); `over_profile`: the factors are over the profile's own latencies."""
+    = (table, offset); `over_profile`: the factors are over the profile's own latencies; `heat`:
+    the heater in words (`note_heat` reads it back)."""
     sms = sorted({int(x) for x in raw["num_sms"]})
     toks = sorted({int(x) for x in raw["tokens"]})
     med = table["factor"]
     spread = raw["factor"].to_numpy() / med.to_numpy()
     over = "the profile's latency of the point" if over_profile else "the burst latency beside it"
+    held = f"{HEAT_PREFIX}{heat}, " if heat else ""
     return (f"{NOTE_PREFIX}{len(raw)} points ({', '.join(sorted(set(raw['op'])))} at "
-            f"{'/'.join(map(str, toks))} tokens on {'/'.join(map(str, sms))} SMs), measured factor = "
+            f"{'/'.join(map(str, toks))} tokens on {'/'.join(map(str, sms))} SMs), {held}measured factor = "
             f"sustained latency / {over} {raw['factor'].min():.3f}..{raw['factor'].max():.3f}; stored: "
             f"per op and tokens the median over the partitions, on all SMs times the profile's all-SM offset "
             f"{offset:.3f}, {med.min():.3f}..{med.max():.3f} (the points lie within "
             f"{spread.min():.3f}..{spread.max():.3f} of it); latencies are charged burst x factor "
             f"(docs/profile-format.md, \"Sustained clock\")")
+
+
+def note_heat(notes: str) -> str:
+    """The heater a profile's sustained table was held against, as `table_note` wrote it into
+    meta.notes; a table noted without one was held against the GEMM heater (the only one before)."""
+    for part in notes.split(" | "):
+        if part.startswith(NOTE_PREFIX) and HEAT_PREFIX in part:
+            return part.split(HEAT_PREFIX, 1)[1].split(", measured factor", 1)[0]
+    return heat_label(None)
 
 
 def with_sustained(profile: Profile, table: pd.DataFrame, note: str) -> Profile:
@@ -172,7 +189,7 @@ def add_sustained(profile: Profile, model: ModelConfig, tp: int, grid: ProfileGr
     finally:
         if bar is not None:
             bar.close()
-    new = with_sustained(profile, *sustained_table(rows, profile_reference(profile)))
+    new = with_sustained(profile, *sustained_table(rows, profile_reference(profile), heat_label(grid)))
     if leader:
         save_profile(new, out)
     return new
