@@ -198,7 +198,6 @@ def _add_ops(args: argparse.Namespace, model: ModelConfig, base_grid: Any, out: 
     base = load_profile(src)  # before the timer: a wrong path or a complete profile fails in seconds
     grid = add_ops_grid(base, model, args.tp, profile_heat(base, model, args.tp, base_grid, gpu,
                                                            args.heat, DEFAULT_HEAT))
-
     ops = missing_ops(base, model, args.tp)
     timer = GpuTimer(model, args.tp, grid, device=args.device, group=group)
     prof = add_ops(base, model, args.tp, grid, timer, dst, leader=leader, progress=_progress)

@@ -62,7 +62,8 @@ def heater(timer: Any) -> tuple[torch.cuda.CUDAGraph, torch.cuda.Stream, tuple[A
     # 22:2x; held on the timer's own activations, mixtral's expert factors came out 4-6% lower and
     # its prediction 15% short, session 12). Each replay starts from the same random hidden and
     # residual: fed back, the activations drift (mean |cos| between tokens' normed rows 0.018 to
-    # 0.037 over 968 replays, benchmarks/probes/heater_state.py), and the pipeline's never run on.
+    # 0.035-0.037 over ~970 mixtral replays, benchmarks/probes/heater_state.py), which a pipeline's,
+    # one pass per layer, never do.
     m = timer.model_copy()
     start = (m.hidden.clone(), m.residual.clone())
     runs = []
