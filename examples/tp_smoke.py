@@ -1,7 +1,7 @@
 """Smoke run of a tensor-parallel schedule: load it on N GPUs, check that the nano-batched forward
 equals its sequential twin, capture both as CUDA graphs and time interleaved replays.
 
-    torchrun --nproc-per-node 4 examples/tp_smoke.py schedules/llama3-70b-h200-tp4-splitwise.yaml
+    torchrun --nproc-per-node 4 examples/tp_smoke.py schedules/llama3-70b-h200-tp4-splitwise-overlap.yaml
 
 (`nfsearch bench --schedule S` does this with the bound and a JSON record; this script is the
 smallest program that loads a TP schedule into the runtime.) Random weights; rank 0 prints.

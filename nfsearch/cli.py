@@ -146,6 +146,9 @@ def add_solve_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto: search; sequential: one nano-batch, one stream, all SMs; overlap: the "
                         "best searched schedule even when predicted slower than sequential (to measure "
                         "the cost model) (default: %(default)s)")
+    p.add_argument("--min-gain", type=float, default=d.min_gain,
+                   help="auto keeps a searched schedule only if predicted at least this fraction faster "
+                        "per iteration than sequential, else returns sequential (default: %(default)s)")
     p.add_argument("--max-nano-batches", type=int, default=d.max_nano_batches,
                    help="largest nano-batch count tried (default: %(default)s)")
     p.add_argument("--gather-form", action="store_true", default=d.gather_form,
@@ -173,7 +176,7 @@ def run_solve(args: argparse.Namespace) -> int:
     cfg = SolveConfig(model=args.model, gpu=args.gpu, profile=args.profile, tp=args.tp,
                       workload=args.workload, dense_batch=args.dense_batch, policy=args.policy,
                       max_nano_batches=args.max_nano_batches, time_limit_s=args.time_limit,
-                      output=args.output, gather_form=args.gather_form)
+                      output=args.output, gather_form=args.gather_form, min_gain=args.min_gain)
     if not args.json:
         print(f"solving {cfg.model} ({cfg.workload}, dense batch {cfg.dense_batch}, tp {cfg.tp}, "
               f"policy {cfg.policy}, time limit {cfg.time_limit_s:g} s) ...", file=sys.stderr, flush=True)

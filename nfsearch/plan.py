@@ -233,7 +233,8 @@ def build_problem(model: ModelConfig, batch: BatchComposition, profile: Profile,
         decode_granules=batch.decode_tokens // g, num_sms=gpu.num_sms, sm_options=sms,
         concurrent_sms=gpu.placeable_sms,
         interference=interference, num_layers=model.num_layers, tail_us=round(tail_us, 3),
-        max_nano_batches=cfg.max_nano_batches, policy=cfg.policy, time_limit_s=cfg.time_limit_s)
+        max_nano_batches=cfg.max_nano_batches, policy=cfg.policy, min_gain=cfg.min_gain,
+        time_limit_s=cfg.time_limit_s)
 
 
 def to_schedule(cfg: SolveConfig, model: ModelConfig, comp: Composition, gpu: GpuSpec, profile: Profile,

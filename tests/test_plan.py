@@ -133,6 +133,7 @@ def test_cli_solve_bad_input_is_one_line_exit_2(tmp_path):
     for argv in (["solve", "--model", "llama-9b"], ["solve", "--model", "llama3-8b", "--gpu", "v100"],
                  ["solve", "--model", "llama3-8b", "--tp", "3"],
                  ["solve", "--model", "llama3-8b", "--dense-batch", "-5"],
+                 ["solve", "--model", "llama3-8b", "--min-gain", "1.5"],
                  ["solve", "--model", "llama3-8b", "--profile", str(tmp_path / "missing.json")]):
         p = subprocess.run([sys.executable, "-m", "nfsearch", *argv], capture_output=True, text=True)
         assert p.returncode == 2, (argv, p.stderr)
@@ -151,6 +152,8 @@ def test_sequential_policy_has_one_stream_on_all_sms():
 def test_time_out_returns_the_best_feasible_schedule_with_its_status(tmp_path, capsys):
     with pytest.raises(NfsearchError, match="time-limit"):
         SolveConfig(model="tiny-llama", time_limit_s=0)
+    with pytest.raises(NfsearchError, match="--min-gain must be a fraction in"):
+        SolveConfig(model="tiny-llama", min_gain=-0.01)
     cfg = SolveConfig(model="llama3-8b", gpu="h200", workload="const:1024:512", time_limit_s=0.02)
     r = plan(cfg)
     r.schedule.validate()

@@ -538,6 +538,29 @@ def test_auto_never_slower_than_sequential_and_deterministic():
     assert a.status == "OPTIMAL" and a.objective_gap == 0.0
 
 
+def test_auto_keeps_a_searched_schedule_only_past_min_gain():
+    """[sel.margin]: a searched schedule predicted g faster per iteration than sequential is kept
+    for min_gain below g and replaced by the sequential one above it."""
+    rng = np.random.default_rng()
+    for _ in range(50):  # a random tiny problem where overlap pays
+        pb = tiny(rng)
+        seq = solve(dataclasses.replace(pb, policy="sequential"))
+        got = solve(pb)
+        gain = 1.0 - got.iteration_us / seq.iteration_us
+        if gain > 0.02 and "chose K=" in got.message:
+            break
+    else:
+        pytest.fail("no tiny problem where a searched schedule beats sequential by 2%")
+    below = solve(dataclasses.replace(pb, min_gain=gain - 0.01))
+    assert dataclasses.replace(below, solve_time_s=0) == dataclasses.replace(got, solve_time_s=0)
+    above = solve(dataclasses.replace(pb, min_gain=gain + 0.01))
+    assert above.iteration_us == pytest.approx(seq.iteration_us) and above.num_nano_batches == 1
+    assert list(above.partitions.values()) == [pb.num_sms] and "chose sequential" in above.message
+    for bad in (-0.1, 1.0):
+        with pytest.raises(NfsearchError, match="min_gain must be a fraction"):
+            solve(dataclasses.replace(pb, min_gain=bad))
+
+
 def test_infeasible_and_timeout_paths_explain():
     rng = np.random.default_rng()
     sol = solve(tiny(rng, split_options=(3,)))  # no split count divides K = 1 or 2

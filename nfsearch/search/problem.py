@@ -90,6 +90,9 @@ class SearchProblem:
     max_nano_batches: int = 4
     split_options: tuple[int, ...] = (1, 2, 4)  # pieces an op may be cut into (divisors of K used)
     policy: Policy = "auto"
+    # auto keeps a searched schedule only if it is predicted at least this fraction faster per
+    # iteration than the sequential one (docs/formulation.md, "Selection")
+    min_gain: float = 0.0
     time_limit_s: float = 60.0
     seed: int = 0
     # Granules [0, gather_granules) of class `gather`, the rest of class `reduce`. Stage 1 chooses it

@@ -49,6 +49,8 @@ def validate(problem: SearchProblem) -> None:
         raise bad(f"split_options must be positive integers, got {problem.split_options}")
     if problem.policy not in ("auto", "sequential", "overlap"):
         raise bad(f"policy {problem.policy!r} is not one of auto, sequential, overlap")
+    if not (isinstance(problem.min_gain, int | float) and 0.0 <= problem.min_gain < 1.0):
+        raise bad(f"min_gain must be a fraction in [0, 1), got {problem.min_gain!r}")
     for key, row in problem.interference.items():
         if len(key) != 2 or any(k not in KINDS for k in key):
             raise bad(f"interference key {key!r} must be a pair of {', '.join(KINDS)}")
@@ -231,9 +233,11 @@ def _search(problem: SearchProblem) -> Solution:
         else:
             notes.append(f"K={k}: stage 1 T1={r1.period_units / SCALE:g} us, stage 2 {r2.status.lower()}")
 
-    # auto is never predicted slower than sequential: candidates must beat it on both counts
-    ok = [c for c in cands
-          if c.period_us <= seq.period_us + 1e-9 and c.iteration_us <= seq.iteration_us + 1e-9]
+    # auto is never predicted slower than sequential: candidates must beat it on both counts, the
+    # iteration by min_gain [sel.margin]
+    need_us = seq.iteration_us * (1.0 - problem.min_gain)
+    ok = [c for c in cands if c.result is None
+          or (c.period_us <= seq.period_us + 1e-9 and c.iteration_us <= need_us + 1e-9)]
     if problem.policy == "overlap":  # the best overlapped schedule even when predicted slower (to measure it)
         ok = [c for c in cands if c.result is not None] or ok
     best = min(ok, key=lambda c: (round(c.period_us * SCALE), round(c.span_us * SCALE),
