@@ -69,8 +69,8 @@ def main() -> int:
     for cfg in configs():
         r = plan(cfg)
         path = default_output(cfg, r.schedule.metadata.model_config, r.gpu)
-        rows.append((cfg.model, cfg.gpu, cfg.tp, r.profile.meta.source, r.solution.solve_time_s,
-                     r.solution.status, r.schedule.prediction.speedup_vs_sequential))
+        rows.append((cfg.model, cfg.gpu, cfg.tp, cfg.workload, cfg.policy, r.profile.meta.source,
+                     r.solution.solve_time_s, r.solution.status, r.schedule.prediction.speedup_vs_sequential))
         if args.check:
             same = path.exists() and normalised(path.read_text()) == normalised(dumps(r.schedule))
             print(f"{'same' if same else 'DIFFERENT':<9} {path.relative_to(REPO_ROOT)}")
@@ -87,10 +87,10 @@ def main() -> int:
         lines = ["# Solve times of the shipped schedules", "",
                  f"`python examples/make_schedules.py`, {day}, on the development machine (2 CPU cores, "
                  "Python 3.11, OR-Tools 9.15). Bar: each at most 60 s.", "",
-                 "| model | gpu | tp | profile | solve s | status | predicted speedup |",
-                 "|---|---|---|---|---|---|---|"]
-        lines += [f"| {m} | {g} | {tp} | {src} | {t:.1f} | {s} | {x:.3f} |"
-                  for m, g, tp, src, t, s, x in rows]
+                 "| model | gpu | tp | workload | policy | profile | solve s | status | predicted speedup |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {m} | {g} | {tp} | {w} | {pol} | {src} | {t:.1f} | {s} | {x:.3f} |"
+                  for m, g, tp, w, pol, src, t, s, x in rows]
         atomic_write_text(out, "\n".join(lines) + "\n")
     return 1 if bad else 0
 
