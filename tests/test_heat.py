@@ -12,13 +12,13 @@ from nfrt.schedule import load_schedule
 from nfsearch.errors import NfsearchError
 from nfsearch.gpus import resolve_gpu
 from nfsearch.models import resolve_model
-from nfsearch.opgraph import layer_ops
+from nfsearch.opgraph import GATHER_OPS, layer_ops
 from nfsearch.profile import Profile, load_profile
 from nfsearch.profiler.addops import add_ops, add_ops_grid, profile_heat
 from nfsearch.profiler.grid import full_grid, heat_label, heat_points, quick_grid, with_heat
 from nfsearch.profiler.run import run_profile
 from nfsearch.profiler.sustained import NOTE_PREFIX, add_sustained, note_heat, sustained_table
-from tests.test_profiler import FakeTimer
+from tests.test_profiler import FakeTimer, _without
 
 H200 = resolve_gpu("h200")
 
@@ -91,10 +91,7 @@ def _profile(tmp_path, heat: str, seed: int) -> tuple[Profile, object]:
     grid = with_heat(quick_grid(132, 8, 8, 120), model, 2, heat, H200)
     prof = run_profile(model, 2, grid, FakeTimer(seed), tmp_path / f"{heat}.json", gpu_slug="h200",
                        sm_granularity=8, nvlink_gbps=900.0)
-    keep = ~prof.latency["op"].isin(["attn_allgather", "o_proj_col", "o_allgather"])
-    keep_s = ~prof.sustained["op"].isin(["o_proj_col"])
-    return Profile(prof.meta, prof.latency[keep].reset_index(drop=True), prof.interference,
-                   prof.sustained[keep_s].reset_index(drop=True)), model
+    return _without(prof, GATHER_OPS), model
 
 
 @pytest.mark.parametrize("heat", ["gemm", "splitwise", "const:1024:512"])

@@ -125,10 +125,10 @@ def add_ops(profile: Profile, model: ModelConfig, tp: int, grid: ProfileGrid, ti
     points: list[Point] = [(op, t, 0) for op in missing for t in grid.tokens]
     kinds = {op.name: op.kind for op in profiled_layer_ops(model, tp)}
     held = [op for op in missing if kinds[op] != "network"] if profile.has_sustained else []
-    if held and heat_label(grid) != note_heat(profile.meta.notes):
-        raise NfsearchError(f"--add-ops: the profile's sustained table was held against "
-                            f"{note_heat(profile.meta.notes)}, this grid's heater is {heat_label(grid)} "
-                            f"(build the grid with profile_heat)")
+    own_heat = note_heat(profile.meta.notes)
+    if held and heat_label(grid) != own_heat:
+        raise NfsearchError(f"--add-ops: the profile's sustained table was held against {own_heat}, "
+                            f"this grid's heater is {heat_label(grid)} (build the grid with profile_heat)")
     held_points: list[Point] = [(op, t, 0) for op in held for t in grid.sustained_tokens]
     total = len(points) * len(grid.sms) + len(held_points) * len(grid.sustained_sms)
     bar = progress(total, 0) if progress and leader else None

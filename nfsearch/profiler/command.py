@@ -153,7 +153,7 @@ def _measure(args: argparse.Namespace, model: ModelConfig, torch: Any, group: An
     t0 = time.perf_counter()
     heat = getattr(args, "heat", None)
     if getattr(args, "add_ops", False):
-        return _add_ops(args, model, grid, out, group, leader, t0, spec)
+        return _add_ops(args, model, grid, out, group, leader, t0, spec, heat)
     grid = with_heat(grid, model, args.tp, heat or (DEFAULT_HEAT if spec is not None else "gemm"), spec)
     base = None
     if args.add_sustained:
@@ -187,7 +187,7 @@ def _measure(args: argparse.Namespace, model: ModelConfig, torch: Any, group: An
 
 
 def _add_ops(args: argparse.Namespace, model: ModelConfig, base_grid: Any, out: Path, group: Any,
-             leader: bool, t0: float, gpu: Any) -> int:
+             leader: bool, t0: float, gpu: Any, heat: str | None) -> int:
     """--add-ops: read the profile, measure the layer ops it lacks, write it with them (rank 0)."""
     from nfsearch.profile import load_profile
     from nfsearch.profiler.addops import add_ops, add_ops_grid, missing_ops, profile_heat
@@ -197,7 +197,7 @@ def _add_ops(args: argparse.Namespace, model: ModelConfig, base_grid: Any, out: 
     dst = Path(args.out) if args.out else src
     base = load_profile(src)  # before the timer: a wrong path or a complete profile fails in seconds
     grid = add_ops_grid(base, model, args.tp, profile_heat(base, model, args.tp, base_grid, gpu,
-                                                           args.heat, DEFAULT_HEAT))
+                                                           heat, DEFAULT_HEAT))
     ops = missing_ops(base, model, args.tp)
     timer = GpuTimer(model, args.tp, grid, device=args.device, group=group)
     prof = add_ops(base, model, args.tp, grid, timer, dst, leader=leader, progress=_progress)
