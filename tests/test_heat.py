@@ -15,7 +15,7 @@ from nfsearch.models import resolve_model
 from nfsearch.opgraph import GATHER_OPS, layer_ops
 from nfsearch.profile import Profile, load_profile
 from nfsearch.profiler.addops import add_ops, add_ops_grid, profile_heat
-from nfsearch.profiler.grid import full_grid, heat_label, heat_points, quick_grid, with_heat
+from nfsearch.profiler.grid import full_grid, heat_label, heat_points, op_points, quick_grid, with_heat
 from nfsearch.profiler.run import run_profile
 from nfsearch.profiler.sustained import NOTE_PREFIX, add_sustained, note_heat, sustained_table
 from tests.test_profiler import FakeTimer, _without
@@ -127,3 +127,29 @@ def test_add_sustained_notes_the_grids_heater(tmp_path) -> None:
     g = with_heat(quick_grid(), model, 1, "splitwise", H200)
     new = add_sustained(prof, model, 1, g, FakeTimer(1), tmp_path / "q.json", 132)
     assert note_heat(new.meta.notes) == heat_label(g) and new.meta.notes.count(NOTE_PREFIX) == 1
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_grids_fit_the_models_positions(quick: bool) -> None:
+    """No profile point reads past the model's rope table: for tiny-llama (512 positions) every
+    context of the fitted grid, its co-run and sustained prompts and its layer heater's batch stay
+    within 512; for the built-in models (4096 and up) fitting changes nothing."""
+    from nfsearch.profiler.grid import fit_to_model, sustained_points
+
+    base = (quick_grid if quick else full_grid)(132, 8, 8, 120)
+    tiny = resolve_model("tiny-llama")
+    assert tiny.max_position == 512 and max(base.decode_contexts) > 512  # the case being fixed
+    g = with_heat(fit_to_model(base, tiny), tiny, 1, "splitwise", H200)
+    points = op_points(tiny, 1, g) + sustained_points(tiny, 1, g) + heat_points(tiny, 1, g)
+    contexts = [c for _, _, c in points]
+    contexts += [g.interference_decode[1], g.interference_tokens]  # co-run decode context, prompt length
+    assert max(contexts) <= 512 and 512 in contexts
+    assert g.decode_contexts == (*(c for c in base.decode_contexts if c < 512), 512)
+    assert set(contexts) <= {0, *g.decode_contexts, *g.prefill_contexts}  # points on the grid
+    assert g.heat_batch[1] == g.heat_batch[3] == 512  # splitwise's 1261 / 1540 capped
+    assert g.sustained_tokens and g.tokens == base.tokens  # token counts other than prompts unchanged
+    for name in ("llama3-8b", "mixtral-8x7b", "llama3-70b", "llama2-70b"):
+        assert fit_to_model(base, resolve_model(name)) == base
+    # a model shorter than every grid context keeps one context: its own length
+    short = replace(tiny, max_position=16)
+    assert fit_to_model(base, short).decode_contexts == fit_to_model(base, short).prefill_contexts == (16,)

@@ -129,7 +129,7 @@ def _measure(args: argparse.Namespace, model: ModelConfig, torch: Any, group: An
     leader = group is None or group.rank == 0
 
     from nfsearch.profile import profile_filename, profiles_root
-    from nfsearch.profiler.grid import full_grid, quick_grid, with_heat
+    from nfsearch.profiler.grid import fit_to_model, full_grid, quick_grid, with_heat
     from nfsearch.profiler.measure import GpuTimer
     from nfsearch.profiler.run import run_profile
 
@@ -148,7 +148,8 @@ def _measure(args: argparse.Namespace, model: ModelConfig, torch: Any, group: An
         if leader:
             print(f"warning: {name} is not a built-in GPU; writing under profiles/{slug}/ (nfsearch "
                   f"solve --profile FILE can use it)", file=sys.stderr)
-    grid = (quick_grid if args.quick else full_grid)(props.multi_processor_count, gran, min_sms, placed)
+    grid = fit_to_model((quick_grid if args.quick else full_grid)(props.multi_processor_count, gran, min_sms,
+                                                                  placed), model)
     out = Path(args.out) if args.out else profiles_root() / slug / profile_filename(model.name, args.tp)
     t0 = time.perf_counter()
     heat = getattr(args, "heat", None)

@@ -210,6 +210,29 @@ def quick_grid(num_sms: int = 132, granularity: int = 8, min_sms: int = 8,
         sustained_s=0.3)
 
 
+def fit_to_model(grid: ProfileGrid, model: ModelConfig) -> ProfileGrid:
+    """`grid` with every context, co-run and sustained prompt length above `model.max_position`
+    lowered to it (so the grids end at max_position itself, and the co-run and sustained points stay
+    on them). A position past the model's rope table reads other memory, so the profiler never
+    times one (`GpuTimer` refuses it); the built-in models (4096 positions and up) keep the standard
+    grids as they are, a small model (tiny-llama's 512) gets a shorter one."""
+    cap = model.max_position
+
+    def within(v: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(sorted({min(c, cap) for c in v}))
+
+    req, ctx = grid.interference_decode
+    fit = replace(grid, decode_contexts=within(grid.decode_contexts),
+                  prefill_contexts=within(grid.prefill_contexts),
+                  interference_tokens=min(grid.interference_tokens, cap),
+                  interference_decode=(req, min(ctx, cap)),
+                  sustained_tokens=within(grid.sustained_tokens) if grid.sustained_tokens else ())
+    if fit.heat_batch:  # the heater's contexts (with_heat composes them from the workload)
+        dec, dctx, pre, pctx = fit.heat_batch
+        fit = replace(fit, heat_batch=(dec, min(dctx, cap), pre, min(pctx, cap)))
+    return fit
+
+
 def _sustained_sms(want: tuple[int, ...], sms: tuple[int, ...]) -> tuple[int, ...]:
     """The wanted sizes this GPU has, and all SMs."""
     return tuple(sorted({*(s for s in want if s in sms), sms[-1]}))
@@ -296,8 +319,8 @@ def with_heat(grid: ProfileGrid, model: ModelConfig, tp: int, heat: str, gpu: Gp
                             f"workload's batch); use --heat gemm on this one")
     cfg = SolveConfig()
     b = compose_batch(model, wl, gpu, tp, dense_batch=cfg.dense_batch, round_to=cfg.granularity_tokens).batch
-    return replace(grid, heat=wl.name,
-                   heat_batch=(b.decode_tokens, b.decode_context, b.prefill_tokens, b.prefill_context))
+    return fit_to_model(replace(grid, heat=wl.name, heat_batch=(b.decode_tokens, b.decode_context,
+                                                                b.prefill_tokens, b.prefill_context)), model)
 
 
 def heat_label(grid: ProfileGrid | None) -> str:

@@ -225,6 +225,10 @@ class GpuTimer:
 
     def _bind(self, kind: str, context: int) -> BatchBuffers:
         key = (kind, context)
+        if context > self.cfg.max_position:  # past the rope table: the kernel would read other memory
+            raise NfsearchError(f"profile point: context {context} exceeds max_position "
+                                f"{self.cfg.max_position} of {self.cfg.name} (fit the grid with "
+                                "nfsearch.profiler.grid.fit_to_model)")
         if key not in self._buffers:
             if kind == "all":
                 comp = BatchComposition(self.max_all, self.max_all, 0, 128, 0)
