@@ -161,3 +161,18 @@ def test_random_weights_deterministic(tiny_configs):
     assert not torch.equal(a["layers.0.qkv"], c["layers.0.qkv"])
     assert a["layers.1.experts_gate_up"].shape == (4, 192, 64)
     assert a["layers.0.qkv"].dtype == torch.float32
+
+
+def test_moe_gemm_backend_is_chosen_by_env(monkeypatch):
+    """NFRT_MOE_GEMM picks the expert GEMM: torch (default) or triton; another value names both. On
+    the CPU the Triton grouped GEMM is never taken."""
+    from nfrt.model import _triton_grouped, moe_gemm_backend
+
+    monkeypatch.delenv("NFRT_MOE_GEMM", raising=False)
+    assert moe_gemm_backend() == "torch"
+    monkeypatch.setenv("NFRT_MOE_GEMM", "Triton")
+    assert moe_gemm_backend() == "triton"
+    assert not _triton_grouped(torch.zeros(4, 8, dtype=torch.bfloat16))
+    monkeypatch.setenv("NFRT_MOE_GEMM", "cutlass")
+    with pytest.raises(NfrtError, match="'cutlass' is not one of torch, triton"):
+        moe_gemm_backend()

@@ -83,17 +83,26 @@ def test_cuda_matches_transformers(name, dtype, tiny_checkpoint, monkeypatch):
         close(logits2[len(PROMPTS):], full[CHUNKED[0]:], rtol)
 
 
-def test_bf16_grouped_expert_gemm_matches_a_per_expert_loop():
-    """The production MoE GEMM (rows grouped by expert, `torch._grouped_mm` on Hopper) on fresh
-    random groups, including empty ones, against float32 matmuls expert by expert."""
-    from nfrt.model import grouped_mm
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("least,most", [(0, 40), (80, 128)])
+def test_bf16_grouped_expert_gemm_matches_a_per_expert_loop(monkeypatch, backend: str, least: int, most: int):
+    """The production MoE GEMM (rows grouped by expert: `torch._grouped_mm` on Hopper, or with
+    NFRT_MOE_GEMM=triton the Triton grouped GEMM up to TRITON_MOE_MAX_ROWS rows) on fresh random
+    groups, including an empty one, of `least` to `most` rows (below and above 512 rows in all: both
+    of the Triton kernel's tile configurations), against float32 matmuls expert by expert."""
+    from nfrt.model import TRITON_MOE_MAX_ROWS, _triton_grouped, grouped_mm
 
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("NFRT_MOE_GEMM", backend)
     gen = torch.Generator().manual_seed(random.randrange(2**31))
     experts, k, n = 8, 256, 384
-    sizes = torch.randint(0, 40, (experts,), generator=gen)
+    sizes = torch.randint(least, most, (experts,), generator=gen)
     sizes[3] = 0  # an expert no token chose
+    assert (int(sizes.sum()) >= 512) == (least > 0) and int(sizes.sum()) <= TRITON_MOE_MAX_ROWS
     offs = torch.cumsum(sizes, 0).to(torch.int32).cuda()
     x = torch.randn(int(sizes.sum()), k, generator=gen).cuda().bfloat16()
+    assert _triton_grouped(x) == (backend == "triton")  # the path under test is the one taken
     w_t = (torch.randn(experts, k, n, generator=gen) / k**0.5).cuda().bfloat16()
     out = torch.full((x.shape[0], n), float("nan"), device="cuda", dtype=torch.bfloat16)
     out.copy_(grouped_mm(x, w_t, offs))
@@ -104,3 +113,36 @@ def test_bf16_grouped_expert_gemm_matches_a_per_expert_loop():
         if end > start:
             close(out[start:end], ref, RTOL[torch.bfloat16])
         start = end
+
+
+def test_triton_grouped_gemm_replays_in_a_graph_on_new_routing():
+    """Captured once, the Triton grouped GEMM follows new group sizes written into `offs` (they stay
+    on the device: no host sync in the launch), for w in the checkpoint's [E, N, K] layout."""
+    pytest.importorskip("triton")
+    from nfrt.kernels.triton_grouped_gemm import grouped_mm
+
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    experts, rows, k, n = 8, 600, 512, 256
+
+    def offs_of() -> torch.Tensor:
+        sizes = torch.multinomial(torch.ones(experts), rows, replacement=True, generator=gen)
+        return torch.bincount(sizes, minlength=experts).cumsum(0).to(torch.int32).cuda()
+
+    x = torch.randn(rows, k, generator=gen).cuda().bfloat16()
+    w = (torch.randn(experts, n, k, generator=gen) / k**0.5).cuda().bfloat16()
+    offs, out = offs_of(), torch.empty(rows, n, device="cuda", dtype=torch.bfloat16)
+    grouped_mm(x, w, offs, out=out)  # compile outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        grouped_mm(x, w, offs, out=out)
+    for _ in range(2):
+        x.copy_(torch.randn(rows, k, generator=gen).bfloat16())
+        offs.copy_(offs_of())
+        out.fill_(float("nan"))
+        g.replay()
+        start = 0
+        for e in range(experts):
+            end = int(offs[e])
+            if end > start:
+                close(out[start:end], x[start:end].float() @ w[e].float().t(), RTOL[torch.bfloat16])
+            start = end

@@ -52,8 +52,37 @@ def _grouped_mm_native(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
+# NFRT_MOE_GEMM=triton: expert GEMMs of at most this many rows (token-expert pairs) run on the Triton
+# grouped GEMM (nfrt.kernels.triton_grouped_gemm), larger ones on torch._grouped_mm. Measured on an
+# H200 at mixtral's shapes: Triton 1.55-1.59x faster at 128 rows (it reads the weights at copy
+# bandwidth), 1.1-1.3x at 512-1024, 0.7-0.97x from 1920 rows on (RESULTS.md, session 13). Off by
+# default: the shipped profiles timed torch._grouped_mm, and the search must see the kernel it runs.
+TRITON_MOE_MAX_ROWS = 1024
+
+
+def moe_gemm_backend() -> str:
+    """"triton" or "torch" (the default), from NFRT_MOE_GEMM; anything else raises."""
+    import os
+
+    name = os.environ.get("NFRT_MOE_GEMM", "torch").lower()
+    if name not in ("torch", "triton"):
+        raise NfrtError(f"NFRT_MOE_GEMM={name!r} is not one of torch, triton")
+    return name
+
+
+def _triton_grouped(x: torch.Tensor) -> bool:
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] <= TRITON_MOE_MAX_ROWS):
+        return False
+    # Triton kernels load (and NFRT_KERNELS=reference does not turn them off)
+    return moe_gemm_backend() == "triton" and bool(K.triton_kernels())
+
+
 def grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x [m, K] with rows grouped by expert, w_t [E, K, N], offs [E] int32 group ends -> [m, N]."""
+    if _triton_grouped(x):
+        from nfrt.kernels.triton_grouped_gemm import grouped_mm as triton_grouped_mm
+
+        return triton_grouped_mm(x, w_t.transpose(1, 2), offs)  # w [E, N, K], strides as they are
     if _grouped_mm_native(x):
         return torch._grouped_mm(x, w_t, offs=offs)
     # Fallback (pre-Hopper or non-bf16 GPU): every expert over all rows, keep each row's own
