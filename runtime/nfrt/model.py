@@ -54,14 +54,15 @@ def _grouped_mm_native(x: torch.Tensor) -> bool:
 
 # NFRT_MOE_GEMM=triton: expert GEMMs of at most this many rows (token-expert pairs) run on the Triton
 # grouped GEMM (nfrt.kernels.triton_grouped_gemm), larger ones on torch._grouped_mm. Measured on an
-# H200 at mixtral's shapes: Triton 1.55-1.59x faster at 128 rows (it reads the weights at copy
-# bandwidth), 1.1-1.3x at 512-1024, 0.7-0.97x from 1920 rows on (RESULTS.md, session 13). Off by
-# default: the shipped profiles timed torch._grouped_mm, and the search must see the kernel it runs.
+# H200 at mixtral's shapes: Triton 1.50-1.58x faster at 128 rows (it reads the weights at copy
+# bandwidth), 1.10-1.30x at 512-1024, 0.77-1.05x from 1920 rows on (RESULTS.md, 2026-11-22 06:5x).
+# Off by default: the shipped profiles timed torch._grouped_mm, and the search must see the kernel
+# the runtime runs.
 TRITON_MOE_MAX_ROWS = 1024
 
 
 def moe_gemm_backend() -> str:
-    """"triton" or "torch" (the default), from NFRT_MOE_GEMM; anything else raises."""
+    """The MoE GEMM backend named by NFRT_MOE_GEMM: torch (the default) or triton; others raise."""
     import os
 
     name = os.environ.get("NFRT_MOE_GEMM", "torch").lower()

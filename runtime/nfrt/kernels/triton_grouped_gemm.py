@@ -6,9 +6,10 @@ w [E, N, K] (any strides; the checkpoint's layout has K contiguous), offs [E] in
 launch is capturable in a CUDA graph: the grid covers the most row tiles any routing can need,
 cdiv(m, BLOCK_M) + E, and each program finds its expert and tile from `offs`, or exits.
 
-Why: `torch._grouped_mm` on an H200 runs mixtral's expert GEMMs at about 55% of the copy bandwidth
-when memory-bound and switches to a configuration about 1.5x slower from 2048 rows on
-(benchmarks/RESULTS.md, 2026-11-21 21:0x); the expert GEMMs are 83% of a mixtral layer.
+Why: `torch._grouped_mm` on an H200 reads mixtral's expert weights at about 60% of the copy
+bandwidth when the GEMMs are memory-bound (few tokens per expert); this kernel reads them at the
+copy bandwidth there, and is slower than torch's from about 2000 rows on (benchmarks/RESULTS.md,
+2026-11-22 06:5x), which is why `nfrt.model` uses it only up to TRITON_MOE_MAX_ROWS.
 Program order: the row tiles of one column tile are consecutive, so the experts' weight tiles
 are read from L2 by their row tiles together.
 """
