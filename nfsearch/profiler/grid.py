@@ -213,24 +213,21 @@ def quick_grid(num_sms: int = 132, granularity: int = 8, min_sms: int = 8,
 def fit_to_model(grid: ProfileGrid, model: ModelConfig) -> ProfileGrid:
     """`grid` with every context, co-run and sustained prompt length above `model.max_position`
     lowered to it (so the grids end at max_position itself, and the co-run and sustained points stay
-    on them). A position past the model's rope table reads other memory, so the profiler never
-    times one (`GpuTimer` refuses it); the built-in models (4096 positions and up) keep the standard
-    grids as they are, a small model (tiny-llama's 512) gets a shorter one."""
+    on them); `with_heat` keeps the heater's batch within it the same way. A position past the
+    model's rope table reads other memory, so the profiler never times one (`GpuTimer` refuses it);
+    the built-in models (4096 positions and up) keep the standard grids as they are, a small model
+    (tiny-llama's 512) gets a shorter one."""
     cap = model.max_position
 
     def within(v: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(sorted({min(c, cap) for c in v}))
 
     req, ctx = grid.interference_decode
-    fit = replace(grid, decode_contexts=within(grid.decode_contexts),
-                  prefill_contexts=within(grid.prefill_contexts),
-                  interference_tokens=min(grid.interference_tokens, cap),
-                  interference_decode=(req, min(ctx, cap)),
-                  sustained_tokens=within(grid.sustained_tokens) if grid.sustained_tokens else ())
-    if fit.heat_batch:  # the heater's contexts (with_heat composes them from the workload)
-        dec, dctx, pre, pctx = fit.heat_batch
-        fit = replace(fit, heat_batch=(dec, min(dctx, cap), pre, min(pctx, cap)))
-    return fit
+    return replace(grid, decode_contexts=within(grid.decode_contexts),
+                   prefill_contexts=within(grid.prefill_contexts),
+                   interference_tokens=min(grid.interference_tokens, cap),
+                   interference_decode=(req, min(ctx, cap)),
+                   sustained_tokens=within(grid.sustained_tokens) if grid.sustained_tokens else ())
 
 
 def _sustained_sms(want: tuple[int, ...], sms: tuple[int, ...]) -> tuple[int, ...]:
@@ -310,7 +307,8 @@ def heat_points(model: ModelConfig, tp: int, grid: ProfileGrid) -> list[Point]:
 
 def with_heat(grid: ProfileGrid, model: ModelConfig, tp: int, heat: str, gpu: GpuSpec | None) -> ProfileGrid:
     """`grid` with its heater: "gemm", or a workload whose batch the layer heater runs, composed as
-    `nfsearch solve` composes it by default (SolveConfig's dense batch and granule) on `gpu`."""
+    `nfsearch solve` composes it by default (SolveConfig's dense batch and granule) on `gpu`, its
+    contexts held within `model.max_position` (see `fit_to_model`)."""
     if heat == "gemm":
         return replace(grid, heat="", heat_batch=())
     wl = parse_workload(heat)  # an unknown name raises, listing the valid ones
@@ -319,8 +317,9 @@ def with_heat(grid: ProfileGrid, model: ModelConfig, tp: int, heat: str, gpu: Gp
                             f"workload's batch); use --heat gemm on this one")
     cfg = SolveConfig()
     b = compose_batch(model, wl, gpu, tp, dense_batch=cfg.dense_batch, round_to=cfg.granularity_tokens).batch
-    return fit_to_model(replace(grid, heat=wl.name, heat_batch=(b.decode_tokens, b.decode_context,
-                                                                b.prefill_tokens, b.prefill_context)), model)
+    cap = model.max_position
+    return replace(grid, heat=wl.name, heat_batch=(b.decode_tokens, min(b.decode_context, cap),
+                                                   b.prefill_tokens, min(b.prefill_context, cap)))
 
 
 def heat_label(grid: ProfileGrid | None) -> str:

@@ -16,6 +16,8 @@ into h, where the reduce form (`o_proj` -> `attn_allreduce`) runs on the rest.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from nfrt import kernels as K
@@ -63,8 +65,6 @@ TRITON_MOE_MAX_ROWS = 1024
 
 def moe_gemm_backend() -> str:
     """The MoE GEMM backend named by NFRT_MOE_GEMM: torch (the default) or triton; others raise."""
-    import os
-
     name = os.environ.get("NFRT_MOE_GEMM", "torch").lower()
     if name not in ("torch", "triton"):
         raise NfrtError(f"NFRT_MOE_GEMM={name!r} is not one of torch, triton")
