@@ -25,6 +25,11 @@ measured: their rates are each unit's rate *alone* on its share of the SMs, over
 c + m + n = top, an optimistic rate (no interference) that keeps the optimum a lower bound on time.
 The result is a ceiling (an upper bound on the speedup) only because every mode's rates are at
 least what the hardware does; like the two-unit one it ranges over the measured partition sizes.
+
+On one GPU the other ops (norms, RoPE, KV append, the activation: O us alone) are bounded two ways
+above, run after the overlap ("serial") or hidden at no cost ("free"). `other_ceiling` tightens the
+free one: O is a third unit like the network, advanced alone, beside C or M on measured splits, or
+in an optimistic three-way split; its optimum lies between the two (O alone is one of its modes).
 Pure: no torch, no I/O.
 """
 
@@ -39,7 +44,7 @@ import numpy as np
 
 from nfsearch.errors import NfsearchError
 
-UNITS = ("compute", "memory", "network")
+UNITS = ("compute", "memory", "network", "other")
 
 
 def _positive(name: str, value: float) -> None:
@@ -244,17 +249,21 @@ class UnitRate:
         _positive("us", self.us)
 
 
-def three_way_modes(alone: Sequence[UnitRate], top_sms: int) -> list[Mode]:
-    """Optimistic three-way splits: compute on c, memory on m, network on n SMs with c + m + n =
+def three_way_modes(alone: Sequence[UnitRate], top_sms: int,
+                    third: str = "network") -> list[Mode]:
+    """Optimistic three-way splits: compute on c, memory on m, `third` on n SMs with c + m + n =
     `top_sms`, each unit at its rate alone on its share (a co-run is no faster), for every (c, m, n)
     where all three were measured alone."""
     _sms("top_sms", top_sms)
+    _unit("third", third)
+    if third in ("compute", "memory"):
+        raise NfsearchError(f"ceiling: the third unit must be network or other, got {third!r}")
     have = {(a.unit, a.num_sms): a.us for a in alone}
     sizes = {u: sorted(s for v, s in have if v == u) for u in UNITS}
     return [Mode(f"3-way {c}/{top_sms - c - n}/{n} (alone rates)",
                  (("compute", have["compute", c]), ("memory", have["memory", top_sms - c - n]),
-                  ("network", have["network", n])))
-            for c in sizes["compute"] for n in sizes["network"]
+                  (third, have[third, n])))
+            for c in sizes["compute"] for n in sizes[third]
             if ("memory", top_sms - c - n) in have]
 
 
@@ -312,3 +321,51 @@ def network_ceiling(c_us: float, m_us: float, n_us: float, other_us: float, seq_
                 Mode("network alone", (("network", n_us),)), *(p.mode for p in pairs)]
     return NetworkCeiling(c_us, m_us, n_us, other_us, seq_us, top_sms, tuple(pairs), tuple(alone),
                           solve_mix(measured + three_way_modes(alone, top_sms)), solve_mix(measured))
+
+
+# ---- three units on one GPU: compute, memory and the other ops -----------------------------------
+
+@dataclass(frozen=True)
+class OtherCeiling:
+    """A one-GPU layer with its other ops as a third unit (module docstring): the ceiling on the
+    overlap's speedup over the sequential layer, between `Ceiling.other_serial` and `other_free`."""
+
+    c_us: float
+    m_us: float
+    o_us: float  # the other ops over the whole batch, alone on all SMs
+    seq_us: float  # one unit each of compute, memory and other, as the sequential schedule runs them
+    top_sms: int
+    pairs: tuple[PairRate, ...]  # compute|other and memory|other side by side (compute|memory: splits)
+    alone: tuple[UnitRate, ...]
+    mix: Mix  # over every mode: the ceiling
+    pairs_mix: Mix  # over the measured modes only
+
+    @property
+    def layer(self) -> float:
+        return self.seq_us / self.mix.time_us
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"o_us": self.o_us, "seq_layer_us": self.seq_us, "top_sms": self.top_sms,
+                "pairs": [asdict(p) for p in self.pairs], "alone_partition": [asdict(a) for a in self.alone],
+                "best_us": self.mix.time_us, "best_mix": [list(m) for m in self.mix.modes],
+                "pairs_best_us": self.pairs_mix.time_us,
+                "pairs_best_mix": [list(m) for m in self.pairs_mix.modes],
+                "ceiling_layer": self.layer, "ceiling_layer_pairs_only": self.seq_us / self.pairs_mix.time_us}
+
+
+def other_ceiling(c_us: float, m_us: float, o_us: float, seq_us: float, splits: Sequence[SplitRate],
+                  pairs: Sequence[PairRate], alone: Sequence[UnitRate], top_sms: int) -> OtherCeiling:
+    """Modes: each unit alone on all SMs, the compute|memory `splits`, the other measured `pairs`
+    (each with the other ops as one side), and the three-way splits from `alone`."""
+    for name, v in (("c_us", c_us), ("m_us", m_us), ("o_us", o_us), ("seq_us", seq_us)):
+        _positive(name, v)
+    for p in pairs:
+        if "other" not in (p.bottom, p.top) or "network" in (p.bottom, p.top):
+            raise NfsearchError(f"ceiling: a pair beside the other ops must have them as one side and "
+                                f"no network, got {p.bottom}|{p.top}")
+    measured = [Mode("compute alone", (("compute", c_us),)), Mode("memory alone", (("memory", m_us),)),
+                Mode("other alone", (("other", o_us),)),
+                *(Mode(s.name, (("compute", s.tc_us), ("memory", s.tm_us))) for s in splits),
+                *(p.mode for p in pairs)]
+    return OtherCeiling(c_us, m_us, o_us, seq_us, top_sms, tuple(pairs), tuple(alone),
+                        solve_mix(measured + three_way_modes(alone, top_sms, "other")), solve_mix(measured))

@@ -15,10 +15,14 @@ over a 2 GiB pool per layer):
   interference co-runs do (`nfsearch.profiler.corun`).
 
 `nfsearch.ceiling.overlap_ceiling` turns these into the ceiling on the overlap's speedup (its
-docstring has the linear program). A tensor-parallel schedule (tp N > 1) re-runs the command as N
-processes under torchrun, one per GPU, and adds the network (the layer's all-reduces) as a third
-unit (`nfsearch.ceiling_tp`). The JSON record goes to `--out` (atomic write; rank 0 under TP).
-This module imports no torch at import time: the CLI registers it on machines without a GPU.
+docstring has the linear program). The other ops are then measured as a third unit (C, M and O
+alternating as the sequential layer; compute|other and memory|other side by side, the other ops on
+the top o SMs), and `nfsearch.ceiling.other_ceiling` gives the ceiling with them overlappable at
+their measured rates, under the record's `other_unit_ceiling`. A tensor-parallel schedule (tp N >
+1) re-runs the command as N processes under torchrun, one per GPU, and adds the network (the
+layer's all-reduces) as a third unit (`nfsearch.ceiling_tp`; the other ops stay serial or free).
+The JSON record goes to `--out` (atomic write; rank 0 under TP). This module imports no torch at
+import time: the CLI registers it on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Any
 from nfrt.schedule import Schedule, load_schedule
 
 from nfsearch.bench import DEFAULT_OUT, require_cuda, stamped_path, write_record
-from nfsearch.ceiling import SplitRate, overlap_ceiling
+from nfsearch.ceiling import PairRate, SplitRate, UnitRate, other_ceiling, overlap_ceiling
 from nfsearch.errors import NfsearchError
 
 Unit = list[tuple[str, int, int]]  # (op, tokens, context)
@@ -129,22 +133,28 @@ def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str,
     gc, nc = looped(timer, full, unit(compute))
     gm, nm = looped(timer, full, unit(memory))
     c_us, m_us = solo_us(gc, full, sec) / nc, solo_us(gm, full, sec) / nm
-    o_us = 0.0
-    if other:
-        go, no = looped(timer, full, unit(other))
-        o_us = solo_us(go, full, sec) / no
-        del go
+    o_us, seq_layer_us = 0.0, 0.0
     # the sequential pair: C then M, alternating
     pair_us = alternating_us([(gc, nc * c_us), (gm, nm * m_us)], full, sec)
     seq_us = pair_us * (c_us + m_us) / (nc * c_us + nm * m_us)  # per C + M, in the pair's proportions
+    if other:
+        go, no = looped(timer, full, unit(other))
+        o_us = solo_us(go, full, sec) / no
+        # the sequential layer: C, M, O alternating (the third unit's baseline)
+        reps = [(gc, nc * c_us), (gm, nm * m_us), (go, no * o_us)]
+        seq_layer_us = alternating_us(reps, full, sec) * (c_us + m_us + o_us) / sum(us for _, us in reps)
+        del go
     del gc, gm
     log(f"alone on all SMs (sustained): C {c_us:.1f} us, M {m_us:.1f} us, other {o_us:.1f} us; "
-        f"C then M alternating: {seq_us:.1f} us per pair (C + M = {c_us + m_us:.1f})")
+        f"C then M alternating: {seq_us:.1f} us per pair (C + M = {c_us + m_us:.1f})"
+        + (f"; C, M, O alternating: {seq_layer_us:.1f} us" if other else ""))
 
     layout = make_layout(0)
     top = layout.aligned
     splits: list[SplitRate] = []
     alone: list[dict[str, float]] = []
+    solo: dict[tuple[str, int], float] = {}  # (unit, SMs) -> us alone there: the three-way rates
+    pairs: list[PairRate] = []
     try:
         for cs in [s for s in timer.grid.sms if top // 3 <= s <= top - 8]:
             ms = top - cs
@@ -157,11 +167,15 @@ def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str,
             s = SplitRate(cs, ms, b_co / nb, t_co / nt)
             splits.append(s)
             alone.append({"tc_alone_us": b_solo / nb, "tm_alone_us": t_solo / nt})
+            solo["compute", cs], solo["memory", ms] = b_solo / nb, t_solo / nt
             a, b = c_us / s.tc_us, m_us / s.tm_us
             log(f"  split {cs:3d}/{ms:3d}: C {s.tc_us:8.1f} us (alone there {b_solo / nb:8.1f}), "
                 f"M {s.tm_us:8.1f} us (alone there {t_solo / nt:8.1f});  a {a:.3f} + b {b:.3f} = {a + b:.3f}")
             del gb, gt
             torch.cuda.synchronize()
+        if other:
+            pairs = _other_pairs(timer, layout, {"compute": unit(compute), "memory": unit(memory),
+                                                 "other": unit(other)}, solo, sec, log)
     finally:
         layout.close()
     ceil = overlap_ceiling(c_us, m_us, o_us, seq_us, splits)
@@ -169,12 +183,52 @@ def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str,
         + " + ".join(f"{n} {u:.1f}" for n, u in ceil.mix.modes)
         + f"\nceiling over the sequential pair: {ceil.cm:.3f}x; with the other ops "
           f"serial {ceil.other_serial:.3f}x, free {ceil.other_free:.3f}x")
+    third: dict[str, Any] = {}
+    if other:
+        oc = other_ceiling(c_us, m_us, o_us, seq_layer_us, splits, pairs,
+                           [UnitRate(u, n, us) for (u, n), us in sorted(solo.items())], top)
+        third = {"other_unit_ceiling": oc.to_dict()}
+        log(f"with the other ops as a third unit: {oc.mix.time_us:.1f} us = "
+            + " + ".join(f"{n} {u:.1f}" for n, u in oc.mix.modes)
+            + f"\nceiling over the sequential layer: {oc.layer:.3f}x "
+              f"(measured modes only: {oc.seq_us / oc.pairs_mix.time_us:.3f}x)")
     meta = schedule.metadata
     return {"date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "schedule": cfg.schedule,
             "model": meta.model, "workload": meta.workload, "batch": asdict(meta.batch), "seconds": sec,
             "compute_unit": compute, "memory_unit": memory, "other_unit": other,
-            **ceil.to_dict(), "alone": alone}
+            **ceil.to_dict(), "alone": alone, **third}
+
+
+def _other_pairs(timer: Any, layout: Any, launchers: dict[str, Callable[[int], None]],
+                 solo: dict[tuple[str, int], float], sec: float,
+                 log: Callable[[str], None]) -> list[PairRate]:
+    """compute|other and memory|other side by side, the other ops on the top o SMs (o = the grid's
+    sizes up to half the placed SMs) and the partner on the rest; each side's solo goes to `solo`."""
+    import torch
+
+    from nfsearch.profiler.corun import corun_us, looped, solo_us
+
+    top = layout.aligned
+    pairs: list[PairRate] = []
+    for partner in ("compute", "memory"):
+        for o_sms in [s for s in timer.grid.sms if s <= top // 2]:
+            p_sms = top - o_sms
+            bs, ts = layout.stream(0, p_sms), layout.stream(p_sms, o_sms)
+            gb, nb = looped(timer, bs, launchers[partner])
+            gt, nt = looped(timer, ts, launchers["other"])
+            b_solo, t_solo = solo_us(gb, bs, sec / 2), solo_us(gt, ts, sec / 2)
+            corun_us(gb, bs, b_solo, gt, ts, t_solo, sec)  # to the power-capped steady state
+            b_co, t_co = corun_us(gb, bs, b_solo, gt, ts, t_solo, sec)
+            p = PairRate(partner, "other", p_sms, o_sms, b_co / nb, t_co / nt)
+            pairs.append(p)
+            for u, n, us in ((partner, p_sms, b_solo / nb), ("other", o_sms, t_solo / nt)):
+                solo[u, n] = min(us, solo.get((u, n), us))
+            log(f"  {partner}|other {p_sms:3d}/{o_sms:3d}: {partner} {p.bottom_us:8.1f} us (alone there "
+                f"{b_solo / nb:8.1f}), other {p.top_us:8.1f} us (alone there {t_solo / nt:8.1f})")
+            del gb, gt
+            torch.cuda.synchronize()
+    return pairs
 
 
 def _measure_tp(cfg: CeilingConfig, schedule: Schedule, argv: list[str] | None,

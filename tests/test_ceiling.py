@@ -16,6 +16,7 @@ from nfsearch.ceiling import (
     UnitRate,
     best_mix,
     network_ceiling,
+    other_ceiling,
     overlap_ceiling,
     solve_mix,
     three_way_modes,
@@ -106,6 +107,14 @@ def test_recorded_ceilings_follow_from_their_measurements(path: Path) -> None:
     ceil = overlap_ceiling(d["c_us"], d["m_us"], d["other_us"], d["seq_pair_us"], splits)
     assert ceil.mix.time_us == pytest.approx(d["best_us"], rel=1e-9)
     assert ceil.other_serial == pytest.approx(d["ceiling_layer_other_serial"], rel=1e-9)
+    if "other_unit_ceiling" in d:  # the other ops as a third unit
+        o = d["other_unit_ceiling"]
+        oc = other_ceiling(d["c_us"], d["m_us"], o["o_us"], o["seq_layer_us"], splits,
+                           [PairRate(**p) for p in o["pairs"]], [UnitRate(**a) for a in o["alone_partition"]],
+                           o["top_sms"])
+        assert oc.mix.time_us == pytest.approx(o["best_us"], rel=1e-9)
+        assert oc.layer == pytest.approx(o["ceiling_layer"], rel=1e-9)
+        assert oc.mix.time_us <= (ceil.mix.time_us + d["other_us"]) * (1 + 1e-9)  # O alone is a mode
 
 
 # ---- nfsearch ceiling: the units of a schedule's batch, the CLI's errors --------------------------
@@ -179,7 +188,7 @@ def _glop_modes(modes: list[Mode]) -> float:
     pywraplp = pytest.importorskip("ortools.linear_solver.pywraplp")
     lp = pywraplp.Solver.CreateSolver("GLOP")
     y = [lp.NumVar(0.0, lp.infinity(), f"y{i}") for i in range(len(modes))]
-    for u in ("compute", "memory", "network"):
+    for u in ("compute", "memory", "network", "other"):
         if any(m.rate(u) > 0 for m in modes):
             lp.Add(sum(v * m.rate(u) for v, m in zip(y, modes, strict=True)) >= 1)
     lp.Minimize(sum(y))
@@ -191,7 +200,7 @@ def _check_mix_does_every_unit(mix, modes: list[Mode]) -> None:
     by_name = {m.name: m for m in modes}
     assert mix.time_us == pytest.approx(sum(t for _, t in mix.modes), rel=1e-9)
     assert all(t > 0 for _, t in mix.modes) and len(mix.modes) <= 3
-    for u in ("compute", "memory", "network"):
+    for u in ("compute", "memory", "network", "other"):
         if any(m.rate(u) > 0 for m in modes):
             assert sum(t * by_name[n].rate(u) for n, t in mix.modes) >= 1 - 1e-7
 
@@ -395,3 +404,77 @@ def test_tp_schedule_inside_a_torchrun_of_another_size(monkeypatch, capsys) -> N
     monkeypatch.setenv("RANK", "0")
     assert main(["ceiling", "--schedule", str(SCHEDULES / "llama3-70b-h200-tp4-splitwise.yaml")]) == 2
     assert "--tp 4, but torchrun started 2 processes" in capsys.readouterr().err
+
+
+# ---- the other ops as a third unit on one GPU -----------------------------------------------------
+
+def _random_other_instance(rng: random.Random, top: int = 120):
+    c_us, m_us, o_us = rng.uniform(500, 1500), rng.uniform(100, 600), rng.uniform(30, 200)
+    alone_all = {"compute": c_us, "memory": m_us, "other": o_us}
+    solo: dict[tuple[str, int], float] = {}
+
+    def on(u: str, s: int) -> float:  # alone on s SMs: slower than on all 132
+        return solo.setdefault((u, s), alone_all[u] * (132 / s) ** (0.9 if u == "compute" else 0.5)
+                               * rng.uniform(1.0, 1.2))
+
+    splits = [SplitRate(cs, top - cs, on("compute", cs) * rng.uniform(1, 1.5),
+                        on("memory", top - cs) * rng.uniform(1, 1.5))
+              for cs in rng.sample(range(40, top - 7, 8), rng.randint(1, 6))]
+    pairs = [PairRate(b, "other", top - os_, os_, on(b, top - os_) * rng.uniform(1, 1.5),
+                      on("other", os_) * rng.uniform(1, 1.5))
+             for b in ("compute", "memory") for os_ in rng.sample((8, 16, 24, 32, 48), rng.randint(1, 5))]
+    return c_us, m_us, o_us, splits, pairs, [UnitRate(u, n, us) for (u, n), us in solo.items()]
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_other_ceiling_is_the_lp_optimum(seed: int) -> None:
+    rng = random.Random(3000 + seed)
+    top = 120
+    c_us, m_us, o_us, splits, pairs, alone = _random_other_instance(rng, top)
+    seq_us = (c_us + m_us + o_us) * rng.uniform(0.95, 1.05)
+    oc = other_ceiling(c_us, m_us, o_us, seq_us, splits, pairs, alone, top)
+    measured = [Mode("compute alone", (("compute", c_us),)), Mode("memory alone", (("memory", m_us),)),
+                Mode("other alone", (("other", o_us),)),
+                *(Mode(s.name, (("compute", s.tc_us), ("memory", s.tm_us))) for s in splits),
+                *(p.mode for p in pairs)]
+    three = three_way_modes(alone, top, "other")
+    assert oc.mix.time_us == pytest.approx(_glop_modes(measured + three), rel=1e-7)
+    assert oc.pairs_mix.time_us == pytest.approx(_glop_modes(measured), rel=1e-7)
+    _check_mix_does_every_unit(oc.mix, measured + three)
+    assert all(dict(m.unit_us).keys() == {"compute", "memory", "other"} for m in three)
+    # between the serial and the free ceiling of the same measurements
+    pair = overlap_ceiling(c_us, m_us, o_us, seq_us, splits)
+    assert oc.mix.time_us <= oc.pairs_mix.time_us * (1 + 1e-9)  # more modes can only help
+    assert oc.pairs_mix.time_us <= (pair.mix.time_us + o_us) * (1 + 1e-9)  # O alone is a mode
+    assert oc.layer == pytest.approx(seq_us / oc.mix.time_us)
+    d = oc.to_dict()
+    assert json.loads(json.dumps(d)) == d and d["ceiling_layer"] == oc.layer
+
+
+def test_other_ops_hidden_beside_compute() -> None:
+    # the other ops on 16 SMs beside compute on 104 cost compute nothing: O is hidden entirely
+    pairs = [PairRate("compute", "other", 104, 16, 100.0, 50.0)]
+    oc = other_ceiling(100.0, 100.0, 50.0, 250.0, [], pairs, [], 120)
+    assert oc.mix.time_us == pytest.approx(200.0)  # 100 of compute|other, then memory alone
+    assert dict(oc.mix.modes) == pytest.approx({"compute|other 104/16": 100.0, "memory alone": 100.0})
+    # with a split that runs memory at full speed beside compute at half: half of each pair mode
+    oc = other_ceiling(100.0, 100.0, 50.0, 250.0, [SplitRate(88, 32, 200.0, 100.0)], pairs, [], 120)
+    assert dict(oc.mix.modes) == pytest.approx({"split 88/32": 100.0, "compute|other 104/16": 50.0})
+    # beside memory instead, half as fast: the mix of 16/16 interleaves
+    slow = [PairRate("memory", "other", 104, 16, 200.0, 100.0)]
+    oc = other_ceiling(100.0, 100.0, 50.0, 250.0, [], slow, [], 120)
+    assert oc.mix.time_us == pytest.approx(250.0)  # no mode beats doing them one after the other
+    assert oc.layer == pytest.approx(1.0)
+
+
+def test_other_ceiling_bad_input() -> None:
+    bad = [(lambda: other_ceiling(1.0, 1.0, 0.0, 3.0, [], [], [], 120), "o_us"),
+           (lambda: other_ceiling(1.0, 1.0, 1.0, 3.0, [], [PairRate("compute", "memory", 8, 8, 1.0, 1.0)],
+                                  [], 120), "must have them as one side"),
+           (lambda: other_ceiling(1.0, 1.0, 1.0, 3.0, [], [PairRate("network", "other", 8, 8, 1.0, 1.0)],
+                                  [], 120), "no network"),
+           (lambda: three_way_modes([], 120, "memory"), "network or other"),
+           (lambda: three_way_modes([], 120, "disk"), "third must be one of")]
+    for make, want in bad:
+        with pytest.raises(NfsearchError, match=want):
+            make()

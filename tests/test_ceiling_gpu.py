@@ -21,7 +21,14 @@ from nfrt.config import BatchComposition  # noqa: E402
 from nfrt.schedule import save_schedule  # noqa: E402
 from schedules_util import nano_schedule  # noqa: E402
 
-from nfsearch.ceiling import PairRate, SplitRate, UnitRate, network_ceiling, overlap_ceiling  # noqa: E402
+from nfsearch.ceiling import (  # noqa: E402
+    PairRate,
+    SplitRate,
+    UnitRate,
+    network_ceiling,
+    other_ceiling,
+    overlap_ceiling,
+)
 from nfsearch.cli import main  # noqa: E402
 from nfsearch.models import resolve_model  # noqa: E402
 
@@ -56,6 +63,18 @@ def test_ceiling_tiny_schedule(tmp_path, capsys):
     ceil = overlap_ceiling(rec["c_us"], rec["m_us"], rec["other_us"], rec["seq_pair_us"], splits)
     assert ceil.mix.time_us == pytest.approx(rec["best_us"])
     assert rec["ceiling_layer_other_free"] >= rec["ceiling_layer_other_serial"] > 0
+    # the other ops as a third unit: beside compute and beside memory on every size up to top / 2
+    o = rec["other_unit_ceiling"]
+    o_sizes = [s for s in full_grid(sms).sms if s <= top // 2]
+    assert [(p["bottom"], p["top_sms"]) for p in o["pairs"]] == [
+        (b, s) for b in ("compute", "memory") for s in o_sizes]
+    assert all(p["top"] == "other" and p["bottom_sms"] + p["top_sms"] == top for p in o["pairs"])
+    assert o["o_us"] == rec["other_us"] and o["seq_layer_us"] > 0
+    oc = other_ceiling(rec["c_us"], rec["m_us"], o["o_us"], o["seq_layer_us"], splits,
+                       [PairRate(**p) for p in o["pairs"]],
+                       [UnitRate(**a) for a in o["alone_partition"]], top)
+    assert oc.mix.time_us == pytest.approx(o["best_us"])
+    assert o["best_us"] <= (rec["best_us"] + rec["other_us"]) * (1 + 1e-9)  # O alone is one of its modes
 
 
 ROOT = Path(__file__).resolve().parent.parent
