@@ -28,8 +28,8 @@ least what the hardware does; like the two-unit one it ranges over the measured 
 
 On one GPU the other ops (norms, RoPE, KV append, the activation: O us alone) are bounded two ways
 above, run after the overlap ("serial") or hidden at no cost ("free"). `other_ceiling` tightens the
-free one: O is a third unit like the network, advanced alone, beside C or M on measured splits, or
-in an optimistic three-way split; its optimum lies between the two (O alone is one of its modes).
+free one: O is a third unit, advanced alone, beside C or M, or in a three-way split, each mode
+measured; its time is at most the serial one's (O alone is one of its modes).
 Pure: no torch, no I/O.
 """
 
@@ -249,21 +249,17 @@ class UnitRate:
         _positive("us", self.us)
 
 
-def three_way_modes(alone: Sequence[UnitRate], top_sms: int,
-                    third: str = "network") -> list[Mode]:
-    """Optimistic three-way splits: compute on c, memory on m, `third` on n SMs with c + m + n =
+def three_way_modes(alone: Sequence[UnitRate], top_sms: int) -> list[Mode]:
+    """Optimistic three-way splits: compute on c, memory on m, network on n SMs with c + m + n =
     `top_sms`, each unit at its rate alone on its share (a co-run is no faster), for every (c, m, n)
     where all three were measured alone."""
     _sms("top_sms", top_sms)
-    _unit("third", third)
-    if third in ("compute", "memory"):
-        raise NfsearchError(f"ceiling: the third unit must be network or other, got {third!r}")
     have = {(a.unit, a.num_sms): a.us for a in alone}
     sizes = {u: sorted(s for v, s in have if v == u) for u in UNITS}
     return [Mode(f"3-way {c}/{top_sms - c - n}/{n} (alone rates)",
                  (("compute", have["compute", c]), ("memory", have["memory", top_sms - c - n]),
-                  (third, have[third, n])))
-            for c in sizes["compute"] for n in sizes[third]
+                  ("network", have["network", n])))
+            for c in sizes["compute"] for n in sizes["network"]
             if ("memory", top_sms - c - n) in have]
 
 
@@ -326,6 +322,30 @@ def network_ceiling(c_us: float, m_us: float, n_us: float, other_us: float, seq_
 # ---- three units on one GPU: compute, memory and the other ops -----------------------------------
 
 @dataclass(frozen=True)
+class TripleRate:
+    """Compute, the other ops and memory side by side: compute on the bottom `compute_sms` SM slots,
+    the other ops on the next `other_sms`, memory on the top `memory_sms`; us per unit of each."""
+
+    compute_sms: int
+    other_sms: int
+    memory_sms: int
+    tc_us: float
+    to_us: float
+    tm_us: float
+
+    def __post_init__(self) -> None:
+        for f in ("compute_sms", "other_sms", "memory_sms"):
+            _sms(f, getattr(self, f))
+        for f in ("tc_us", "to_us", "tm_us"):
+            _positive(f, getattr(self, f))
+
+    @property
+    def mode(self) -> Mode:
+        return Mode(f"3-way {self.compute_sms}/{self.other_sms}/{self.memory_sms}",
+                    (("compute", self.tc_us), ("other", self.to_us), ("memory", self.tm_us)))
+
+
+@dataclass(frozen=True)
 class OtherCeiling:
     """A one-GPU layer with its other ops as a third unit (module docstring): the ceiling on the
     overlap's speedup over the sequential layer, between `Ceiling.other_serial` and `other_free`."""
@@ -334,38 +354,35 @@ class OtherCeiling:
     m_us: float
     o_us: float  # the other ops over the whole batch, alone on all SMs
     seq_us: float  # one unit each of compute, memory and other, as the sequential schedule runs them
-    top_sms: int
     pairs: tuple[PairRate, ...]  # compute|other and memory|other side by side (compute|memory: splits)
-    alone: tuple[UnitRate, ...]
-    mix: Mix  # over every mode: the ceiling
-    pairs_mix: Mix  # over the measured modes only
+    triples: tuple[TripleRate, ...]
+    mix: Mix
 
     @property
     def layer(self) -> float:
         return self.seq_us / self.mix.time_us
 
     def to_dict(self) -> dict[str, Any]:
-        return {"o_us": self.o_us, "seq_layer_us": self.seq_us, "top_sms": self.top_sms,
-                "pairs": [asdict(p) for p in self.pairs], "alone_partition": [asdict(a) for a in self.alone],
-                "best_us": self.mix.time_us, "best_mix": [list(m) for m in self.mix.modes],
-                "pairs_best_us": self.pairs_mix.time_us,
-                "pairs_best_mix": [list(m) for m in self.pairs_mix.modes],
-                "ceiling_layer": self.layer, "ceiling_layer_pairs_only": self.seq_us / self.pairs_mix.time_us}
+        return {"o_us": self.o_us, "seq_layer_us": self.seq_us, "pairs": [asdict(p) for p in self.pairs],
+                "triples": [asdict(t) for t in self.triples], "best_us": self.mix.time_us,
+                "best_mix": [list(m) for m in self.mix.modes], "ceiling_layer": self.layer}
 
 
 def other_ceiling(c_us: float, m_us: float, o_us: float, seq_us: float, splits: Sequence[SplitRate],
-                  pairs: Sequence[PairRate], alone: Sequence[UnitRate], top_sms: int) -> OtherCeiling:
-    """Modes: each unit alone on all SMs, the compute|memory `splits`, the other measured `pairs`
-    (each with the other ops as one side), and the three-way splits from `alone`."""
+                  pairs: Sequence[PairRate], triples: Sequence[TripleRate]) -> OtherCeiling:
+    """Modes, all measured: each unit alone on all SMs, the compute|memory `splits`, the `pairs`
+    with the other ops as one side, and the three-way `triples`. Unlike the network's three-way modes
+    these are not each unit's rate alone on its share: that would drop the compute-memory
+    interference which limits a one-GPU overlap in the first place, so the ceiling ranges over the
+    measured layouts only, as the two-unit one ranges over the measured splits."""
     for name, v in (("c_us", c_us), ("m_us", m_us), ("o_us", o_us), ("seq_us", seq_us)):
         _positive(name, v)
     for p in pairs:
         if "other" not in (p.bottom, p.top) or "network" in (p.bottom, p.top):
             raise NfsearchError(f"ceiling: a pair beside the other ops must have them as one side and "
                                 f"no network, got {p.bottom}|{p.top}")
-    measured = [Mode("compute alone", (("compute", c_us),)), Mode("memory alone", (("memory", m_us),)),
-                Mode("other alone", (("other", o_us),)),
-                *(Mode(s.name, (("compute", s.tc_us), ("memory", s.tm_us))) for s in splits),
-                *(p.mode for p in pairs)]
-    return OtherCeiling(c_us, m_us, o_us, seq_us, top_sms, tuple(pairs), tuple(alone),
-                        solve_mix(measured + three_way_modes(alone, top_sms, "other")), solve_mix(measured))
+    modes = [Mode("compute alone", (("compute", c_us),)), Mode("memory alone", (("memory", m_us),)),
+             Mode("other alone", (("other", o_us),)),
+             *(Mode(s.name, (("compute", s.tc_us), ("memory", s.tm_us))) for s in splits),
+             *(p.mode for p in pairs), *(t.mode for t in triples)]
+    return OtherCeiling(c_us, m_us, o_us, seq_us, tuple(pairs), tuple(triples), solve_mix(modes))

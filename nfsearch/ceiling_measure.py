@@ -17,12 +17,13 @@ over a 2 GiB pool per layer):
 `nfsearch.ceiling.overlap_ceiling` turns these into the ceiling on the overlap's speedup (its
 docstring has the linear program). The other ops are then measured as a third unit (C, M and O
 alternating as the sequential layer; compute|other and memory|other side by side, the other ops on
-the top o SMs), and `nfsearch.ceiling.other_ceiling` gives the ceiling with them overlappable at
-their measured rates, under the record's `other_unit_ceiling`. A tensor-parallel schedule (tp N >
-1) re-runs the command as N processes under torchrun, one per GPU, and adds the network (the
-layer's all-reduces) as a third unit (`nfsearch.ceiling_tp`; the other ops stay serial or free).
-The JSON record goes to `--out` (atomic write; rank 0 under TP). This module imports no torch at
-import time: the CLI registers it on machines without a GPU.
+the top o SMs; compute, other and memory three ways from the best splits), and
+`nfsearch.ceiling.other_ceiling` gives the ceiling with them overlappable at their measured rates,
+under the record's `other_unit_ceiling`. A tensor-parallel schedule (tp N > 1) re-runs the command
+as N processes under torchrun, one per GPU, and adds the network (the layer's all-reduces) as a
+third unit (`nfsearch.ceiling_tp`; the other ops stay serial or free). The JSON record goes to
+`--out` (atomic write; rank 0 under TP). This module imports no torch at import time: the CLI
+registers it on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Any
 from nfrt.schedule import Schedule, load_schedule
 
 from nfsearch.bench import DEFAULT_OUT, require_cuda, stamped_path, write_record
-from nfsearch.ceiling import PairRate, SplitRate, UnitRate, other_ceiling, overlap_ceiling
+from nfsearch.ceiling import PairRate, SplitRate, TripleRate, other_ceiling, overlap_ceiling
 from nfsearch.errors import NfsearchError
 
 Unit = list[tuple[str, int, int]]  # (op, tokens, context)
@@ -153,8 +154,8 @@ def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str,
     top = layout.aligned
     splits: list[SplitRate] = []
     alone: list[dict[str, float]] = []
-    solo: dict[tuple[str, int], float] = {}  # (unit, SMs) -> us alone there: the three-way rates
     pairs: list[PairRate] = []
+    triples: list[TripleRate] = []
     try:
         for cs in [s for s in timer.grid.sms if top // 3 <= s <= top - 8]:
             ms = top - cs
@@ -167,15 +168,15 @@ def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str,
             s = SplitRate(cs, ms, b_co / nb, t_co / nt)
             splits.append(s)
             alone.append({"tc_alone_us": b_solo / nb, "tm_alone_us": t_solo / nt})
-            solo["compute", cs], solo["memory", ms] = b_solo / nb, t_solo / nt
             a, b = c_us / s.tc_us, m_us / s.tm_us
             log(f"  split {cs:3d}/{ms:3d}: C {s.tc_us:8.1f} us (alone there {b_solo / nb:8.1f}), "
                 f"M {s.tm_us:8.1f} us (alone there {t_solo / nt:8.1f});  a {a:.3f} + b {b:.3f} = {a + b:.3f}")
             del gb, gt
             torch.cuda.synchronize()
-        if other:
-            pairs = _other_pairs(timer, layout, {"compute": unit(compute), "memory": unit(memory),
-                                                 "other": unit(other)}, solo, sec, log)
+        if other:  # the three splits of the most overlap (a + b) seed the three-way co-runs
+            best = sorted(splits, key=lambda s: -(c_us / s.tc_us + m_us / s.tm_us))[:3]
+            pairs, triples = _other_units(timer, schedule, layout, {"compute": compute, "memory": memory,
+                                                                     "other": other}, best, sec, log)
     finally:
         layout.close()
     ceil = overlap_ceiling(c_us, m_us, o_us, seq_us, splits)
@@ -185,13 +186,11 @@ def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str,
           f"serial {ceil.other_serial:.3f}x, free {ceil.other_free:.3f}x")
     third: dict[str, Any] = {}
     if other:
-        oc = other_ceiling(c_us, m_us, o_us, seq_layer_us, splits, pairs,
-                           [UnitRate(u, n, us) for (u, n), us in sorted(solo.items())], top)
+        oc = other_ceiling(c_us, m_us, o_us, seq_layer_us, splits, pairs, triples)
         third = {"other_unit_ceiling": oc.to_dict()}
         log(f"with the other ops as a third unit: {oc.mix.time_us:.1f} us = "
             + " + ".join(f"{n} {u:.1f}" for n, u in oc.mix.modes)
-            + f"\nceiling over the sequential layer: {oc.layer:.3f}x "
-              f"(measured modes only: {oc.seq_us / oc.pairs_mix.time_us:.3f}x)")
+            + f"\nceiling over the sequential layer (C, M, O alternating): {oc.layer:.3f}x")
     meta = schedule.metadata
     return {"date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "schedule": cfg.schedule,
@@ -200,35 +199,52 @@ def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str,
             **ceil.to_dict(), "alone": alone, **third}
 
 
-def _other_pairs(timer: Any, layout: Any, launchers: dict[str, Callable[[int], None]],
-                 solo: dict[tuple[str, int], float], sec: float,
-                 log: Callable[[str], None]) -> list[PairRate]:
-    """compute|other and memory|other side by side, the other ops on the top o SMs (o = the grid's
-    sizes up to half the placed SMs) and the partner on the rest; each side's solo goes to `solo`."""
+def _other_units(timer: Any, schedule: Schedule, layout: Any, ops: dict[str, Unit],
+                 best_splits: list[SplitRate], sec: float,
+                 log: Callable[[str], None]) -> tuple[list[PairRate], list[TripleRate]]:
+    """The other ops beside the rest, each side looped on its own placed partition (a launcher is
+    made right before its capture: it binds its op's batch): compute|other and memory|other with the
+    other ops on the top o SMs (o = the grid's sizes up to half the placed SMs), the partner on the
+    rest; then three-way from each of `best_splits`, o = 8 and 16 SMs taken from the compute side
+    and from the memory side: compute at the bottom, the other ops next, memory at the top."""
     import torch
 
-    from nfsearch.profiler.corun import corun_us, looped, solo_us
+    from nfsearch.profiler.corun import corun_many_us, looped, solo_us
 
     top = layout.aligned
+
+    def corun(placed: list[tuple[str, int, int]]) -> list[float]:
+        """us per unit of each (unit, first SM slot, SMs) side, co-running (after a warm-up co-run
+        to the power-capped steady state)."""
+        sides = []
+        for u, first, n in placed:
+            st = layout.stream(first, n)
+            g, k = looped(timer, st, unit_launcher(timer, schedule, ops[u]))
+            sides.append((g, st, solo_us(g, st, sec / 2), k))
+        runs = [(g, st, us) for g, st, us, _ in sides]
+        corun_many_us(runs, sec)
+        out = [us / k for us, (*_, k) in zip(corun_many_us(runs, sec), sides, strict=True)]
+        del sides, runs
+        torch.cuda.synchronize()
+        return out
+
     pairs: list[PairRate] = []
     for partner in ("compute", "memory"):
-        for o_sms in [s for s in timer.grid.sms if s <= top // 2]:
-            p_sms = top - o_sms
-            bs, ts = layout.stream(0, p_sms), layout.stream(p_sms, o_sms)
-            gb, nb = looped(timer, bs, launchers[partner])
-            gt, nt = looped(timer, ts, launchers["other"])
-            b_solo, t_solo = solo_us(gb, bs, sec / 2), solo_us(gt, ts, sec / 2)
-            corun_us(gb, bs, b_solo, gt, ts, t_solo, sec)  # to the power-capped steady state
-            b_co, t_co = corun_us(gb, bs, b_solo, gt, ts, t_solo, sec)
-            p = PairRate(partner, "other", p_sms, o_sms, b_co / nb, t_co / nt)
-            pairs.append(p)
-            for u, n, us in ((partner, p_sms, b_solo / nb), ("other", o_sms, t_solo / nt)):
-                solo[u, n] = min(us, solo.get((u, n), us))
-            log(f"  {partner}|other {p_sms:3d}/{o_sms:3d}: {partner} {p.bottom_us:8.1f} us (alone there "
-                f"{b_solo / nb:8.1f}), other {p.top_us:8.1f} us (alone there {t_solo / nt:8.1f})")
-            del gb, gt
-            torch.cuda.synchronize()
-    return pairs
+        for o in [s for s in timer.grid.sms if s <= top // 2]:
+            b_us, t_us = corun([(partner, 0, top - o), ("other", top - o, o)])
+            pairs.append(PairRate(partner, "other", top - o, o, b_us, t_us))
+            log(f"  {partner}|other {top - o:3d}/{o:3d}: {partner} {b_us:8.1f} us, other {t_us:8.1f} us")
+    triples: list[TripleRate] = []
+    for s in best_splits:
+        for o in (8, 16):
+            for c, m in ((s.compute_sms - o, s.memory_sms), (s.compute_sms, s.memory_sms - o)):
+                if c < 8 or m < 8:
+                    continue
+                tc, to, tm = corun([("compute", 0, c), ("other", c, o), ("memory", top - m, m)])
+                triples.append(TripleRate(c, o, m, tc, to, tm))
+                log(f"  3-way {c:3d}/{o:3d}/{m:3d}: compute {tc:8.1f} us, other {to:8.1f} us, "
+                    f"memory {tm:8.1f} us")
+    return pairs, triples
 
 
 def _measure_tp(cfg: CeilingConfig, schedule: Schedule, argv: list[str] | None,

@@ -13,6 +13,7 @@ from nfsearch.ceiling import (
     Mode,
     PairRate,
     SplitRate,
+    TripleRate,
     UnitRate,
     best_mix,
     network_ceiling,
@@ -110,8 +111,7 @@ def test_recorded_ceilings_follow_from_their_measurements(path: Path) -> None:
     if "other_unit_ceiling" in d:  # the other ops as a third unit
         o = d["other_unit_ceiling"]
         oc = other_ceiling(d["c_us"], d["m_us"], o["o_us"], o["seq_layer_us"], splits,
-                           [PairRate(**p) for p in o["pairs"]], [UnitRate(**a) for a in o["alone_partition"]],
-                           o["top_sms"])
+                           [PairRate(**p) for p in o["pairs"]], [TripleRate(**t) for t in o["triples"]])
         assert oc.mix.time_us == pytest.approx(o["best_us"], rel=1e-9)
         assert oc.layer == pytest.approx(o["ceiling_layer"], rel=1e-9)
         assert oc.mix.time_us <= (ceil.mix.time_us + d["other_us"]) * (1 + 1e-9)  # O alone is a mode
@@ -410,71 +410,68 @@ def test_tp_schedule_inside_a_torchrun_of_another_size(monkeypatch, capsys) -> N
 
 def _random_other_instance(rng: random.Random, top: int = 120):
     c_us, m_us, o_us = rng.uniform(500, 1500), rng.uniform(100, 600), rng.uniform(30, 200)
-    alone_all = {"compute": c_us, "memory": m_us, "other": o_us}
-    solo: dict[tuple[str, int], float] = {}
+    alone = {"compute": c_us, "memory": m_us, "other": o_us}
 
-    def on(u: str, s: int) -> float:  # alone on s SMs: slower than on all 132
-        return solo.setdefault((u, s), alone_all[u] * (132 / s) ** (0.9 if u == "compute" else 0.5)
-                               * rng.uniform(1.0, 1.2))
+    def on(u: str, s: int) -> float:  # on s SMs beside others: slower than alone on all 132
+        return alone[u] * (132 / s) ** (0.9 if u == "compute" else 0.5) * rng.uniform(1.0, 1.5)
 
-    splits = [SplitRate(cs, top - cs, on("compute", cs) * rng.uniform(1, 1.5),
-                        on("memory", top - cs) * rng.uniform(1, 1.5))
+    splits = [SplitRate(cs, top - cs, on("compute", cs), on("memory", top - cs))
               for cs in rng.sample(range(40, top - 7, 8), rng.randint(1, 6))]
-    pairs = [PairRate(b, "other", top - os_, os_, on(b, top - os_) * rng.uniform(1, 1.5),
-                      on("other", os_) * rng.uniform(1, 1.5))
-             for b in ("compute", "memory") for os_ in rng.sample((8, 16, 24, 32, 48), rng.randint(1, 5))]
-    return c_us, m_us, o_us, splits, pairs, [UnitRate(u, n, us) for (u, n), us in solo.items()]
+    pairs = [PairRate(b, "other", top - o, o, on(b, top - o), on("other", o))
+             for b in ("compute", "memory") for o in rng.sample((8, 16, 24, 32, 48), rng.randint(1, 5))]
+    triples = [TripleRate(c, o, top - c - o, on("compute", c), on("other", o), on("memory", top - c - o))
+               for c in rng.sample(range(40, 97, 8), rng.randint(0, 4)) for o in (8, 16)]
+    return c_us, m_us, o_us, splits, pairs, triples
 
 
 @pytest.mark.parametrize("seed", range(25))
 def test_other_ceiling_is_the_lp_optimum(seed: int) -> None:
     rng = random.Random(3000 + seed)
-    top = 120
-    c_us, m_us, o_us, splits, pairs, alone = _random_other_instance(rng, top)
+    c_us, m_us, o_us, splits, pairs, triples = _random_other_instance(rng)
     seq_us = (c_us + m_us + o_us) * rng.uniform(0.95, 1.05)
-    oc = other_ceiling(c_us, m_us, o_us, seq_us, splits, pairs, alone, top)
-    measured = [Mode("compute alone", (("compute", c_us),)), Mode("memory alone", (("memory", m_us),)),
-                Mode("other alone", (("other", o_us),)),
-                *(Mode(s.name, (("compute", s.tc_us), ("memory", s.tm_us))) for s in splits),
-                *(p.mode for p in pairs)]
-    three = three_way_modes(alone, top, "other")
-    assert oc.mix.time_us == pytest.approx(_glop_modes(measured + three), rel=1e-7)
-    assert oc.pairs_mix.time_us == pytest.approx(_glop_modes(measured), rel=1e-7)
-    _check_mix_does_every_unit(oc.mix, measured + three)
-    assert all(dict(m.unit_us).keys() == {"compute", "memory", "other"} for m in three)
-    # between the serial and the free ceiling of the same measurements
+    oc = other_ceiling(c_us, m_us, o_us, seq_us, splits, pairs, triples)
+    modes = [Mode("compute alone", (("compute", c_us),)), Mode("memory alone", (("memory", m_us),)),
+             Mode("other alone", (("other", o_us),)),
+             *(Mode(s.name, (("compute", s.tc_us), ("memory", s.tm_us))) for s in splits),
+             *(p.mode for p in pairs), *(t.mode for t in triples)]
+    assert oc.mix.time_us == pytest.approx(_glop_modes(modes), rel=1e-7)
+    _check_mix_does_every_unit(oc.mix, modes)
     pair = overlap_ceiling(c_us, m_us, o_us, seq_us, splits)
-    assert oc.mix.time_us <= oc.pairs_mix.time_us * (1 + 1e-9)  # more modes can only help
-    assert oc.pairs_mix.time_us <= (pair.mix.time_us + o_us) * (1 + 1e-9)  # O alone is a mode
+    assert oc.mix.time_us <= (pair.mix.time_us + o_us) * (1 + 1e-9)  # O alone is one of its modes
     assert oc.layer == pytest.approx(seq_us / oc.mix.time_us)
     d = oc.to_dict()
     assert json.loads(json.dumps(d)) == d and d["ceiling_layer"] == oc.layer
+    assert [TripleRate(**t) for t in d["triples"]] == triples
 
 
 def test_other_ops_hidden_beside_compute() -> None:
     # the other ops on 16 SMs beside compute on 104 cost compute nothing: O is hidden entirely
     pairs = [PairRate("compute", "other", 104, 16, 100.0, 50.0)]
-    oc = other_ceiling(100.0, 100.0, 50.0, 250.0, [], pairs, [], 120)
+    oc = other_ceiling(100.0, 100.0, 50.0, 250.0, [], pairs, [])
     assert oc.mix.time_us == pytest.approx(200.0)  # 100 of compute|other, then memory alone
     assert dict(oc.mix.modes) == pytest.approx({"compute|other 104/16": 100.0, "memory alone": 100.0})
-    # with a split that runs memory at full speed beside compute at half: half of each pair mode
-    oc = other_ceiling(100.0, 100.0, 50.0, 250.0, [SplitRate(88, 32, 200.0, 100.0)], pairs, [], 120)
+    # with a split that runs memory at full speed beside compute at half: half of each
+    oc = other_ceiling(100.0, 100.0, 50.0, 250.0, [SplitRate(88, 32, 200.0, 100.0)], pairs, [])
     assert dict(oc.mix.modes) == pytest.approx({"split 88/32": 100.0, "compute|other 104/16": 50.0})
-    # beside memory instead, half as fast: the mix of 16/16 interleaves
+    # a three-way split that runs all three at full speed beats both
+    oc = other_ceiling(100.0, 100.0, 50.0, 250.0, [SplitRate(88, 32, 200.0, 100.0)], pairs,
+                       [TripleRate(88, 8, 24, 100.0, 50.0, 100.0)])
+    assert dict(oc.mix.modes) == pytest.approx({"3-way 88/8/24": 100.0})
+    assert oc.layer == pytest.approx(2.5)
+    # beside memory, each half as fast: no mode beats one after the other
     slow = [PairRate("memory", "other", 104, 16, 200.0, 100.0)]
-    oc = other_ceiling(100.0, 100.0, 50.0, 250.0, [], slow, [], 120)
-    assert oc.mix.time_us == pytest.approx(250.0)  # no mode beats doing them one after the other
-    assert oc.layer == pytest.approx(1.0)
+    oc = other_ceiling(100.0, 100.0, 50.0, 250.0, [], slow, [])
+    assert oc.mix.time_us == pytest.approx(250.0) and oc.layer == pytest.approx(1.0)
 
 
 def test_other_ceiling_bad_input() -> None:
-    bad = [(lambda: other_ceiling(1.0, 1.0, 0.0, 3.0, [], [], [], 120), "o_us"),
+    bad = [(lambda: other_ceiling(1.0, 1.0, 0.0, 3.0, [], [], []), "o_us"),
            (lambda: other_ceiling(1.0, 1.0, 1.0, 3.0, [], [PairRate("compute", "memory", 8, 8, 1.0, 1.0)],
-                                  [], 120), "must have them as one side"),
+                                  []), "must have them as one side"),
            (lambda: other_ceiling(1.0, 1.0, 1.0, 3.0, [], [PairRate("network", "other", 8, 8, 1.0, 1.0)],
-                                  [], 120), "no network"),
-           (lambda: three_way_modes([], 120, "memory"), "network or other"),
-           (lambda: three_way_modes([], 120, "disk"), "third must be one of")]
+                                  []), "no network"),
+           (lambda: TripleRate(88, 0, 24, 1.0, 1.0, 1.0), "other_sms"),
+           (lambda: TripleRate(88, 8, 24, 1.0, 1.0, -1.0), "tm_us")]
     for make, want in bad:
         with pytest.raises(NfsearchError, match=want):
             make()

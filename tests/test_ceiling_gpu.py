@@ -24,6 +24,7 @@ from schedules_util import nano_schedule  # noqa: E402
 from nfsearch.ceiling import (  # noqa: E402
     PairRate,
     SplitRate,
+    TripleRate,
     UnitRate,
     network_ceiling,
     other_ceiling,
@@ -63,16 +64,18 @@ def test_ceiling_tiny_schedule(tmp_path, capsys):
     ceil = overlap_ceiling(rec["c_us"], rec["m_us"], rec["other_us"], rec["seq_pair_us"], splits)
     assert ceil.mix.time_us == pytest.approx(rec["best_us"])
     assert rec["ceiling_layer_other_free"] >= rec["ceiling_layer_other_serial"] > 0
-    # the other ops as a third unit: beside compute and beside memory on every size up to top / 2
+    # the other ops as a third unit: beside compute and beside memory on every size up to top / 2,
+    # and three ways from the three best splits
     o = rec["other_unit_ceiling"]
     o_sizes = [s for s in full_grid(sms).sms if s <= top // 2]
     assert [(p["bottom"], p["top_sms"]) for p in o["pairs"]] == [
         (b, s) for b in ("compute", "memory") for s in o_sizes]
     assert all(p["top"] == "other" and p["bottom_sms"] + p["top_sms"] == top for p in o["pairs"])
+    assert o["triples"] and all(t["compute_sms"] + t["other_sms"] + t["memory_sms"] == top
+                                for t in o["triples"])
     assert o["o_us"] == rec["other_us"] and o["seq_layer_us"] > 0
     oc = other_ceiling(rec["c_us"], rec["m_us"], o["o_us"], o["seq_layer_us"], splits,
-                       [PairRate(**p) for p in o["pairs"]],
-                       [UnitRate(**a) for a in o["alone_partition"]], top)
+                       [PairRate(**p) for p in o["pairs"]], [TripleRate(**t) for t in o["triples"]])
     assert oc.mix.time_us == pytest.approx(o["best_us"])
     assert o["best_us"] <= (rec["best_us"] + rec["other_us"]) * (1 + 1e-9)  # O alone is one of its modes
 

@@ -106,30 +106,36 @@ def alternating_us(graphs: list[tuple[torch.cuda.CUDAGraph, float]], stream: tor
 def corun_us(ga: torch.cuda.CUDAGraph, sa: torch.cuda.Stream, a_us: float,
              gb: torch.cuda.CUDAGraph, sb: torch.cuda.Stream, b_us: float,
              seconds: float, agree: Agree = _same) -> tuple[float, float]:
-    """Median replay times (us) of graphs a and b replayed concurrently for about `seconds`.
+    """Median replay times (us) of graphs a and b replayed concurrently for about `seconds`
+    (`corun_many_us` on two sides)."""
+    a, b = corun_many_us([(ga, sa, a_us), (gb, sb, b_us)], seconds, agree)
+    return a, b
 
-    Replays are issued in order of their solo start times so neither queue runs far ahead; a replay
-    counts when it starts after the first quarter of the common window and ends before either side
+
+def corun_many_us(sides: list[tuple[torch.cuda.CUDAGraph, torch.cuda.Stream, float]],
+                  seconds: float, agree: Agree = _same) -> list[float]:
+    """Median replay times (us) of each side's graph, all replayed concurrently for about `seconds`;
+    a side is (graph, its stream, us per replay alone).
+
+    Replays are issued in order of their solo start times so no queue runs far ahead; a replay
+    counts when it starts after the first quarter of the common window and ends before any side
     runs out of work."""
-    ka, kb = (int(k) for k in agree([max(8, math.ceil(seconds * 1e6 / x)) for x in (a_us, b_us)]))
-    ea = [torch.cuda.Event(enable_timing=True) for _ in range(ka + 1)]
-    eb = [torch.cuda.Event(enable_timing=True) for _ in range(kb + 1)]
-    ea[0].record(sa)
-    eb[0].record(sb)
-    i = j = 0
-    while i < ka or j < kb:
-        if j >= kb or (i < ka and i * a_us <= j * b_us):
-            _issue(ga, sa, ea[i + 1])
-            i += 1
-        else:
-            _issue(gb, sb, eb[j + 1])
-            j += 1
+    ks = [int(k) for k in agree([max(8, math.ceil(seconds * 1e6 / us)) for _, _, us in sides])]
+    evs = [[torch.cuda.Event(enable_timing=True) for _ in range(k + 1)] for k in ks]
+    for (_, stream, _), ev in zip(sides, evs, strict=True):
+        ev[0].record(stream)
+    done = [0] * len(sides)
+    while any(i < k for i, k in zip(done, ks, strict=True)):
+        # the side whose next replay would start first alone (ties: the earlier side)
+        s = min((x for x in range(len(sides)) if done[x] < ks[x]), key=lambda x: done[x] * sides[x][2])
+        g, stream, _ = sides[s]
+        _issue(g, stream, evs[s][done[s] + 1])
+        done[s] += 1
     torch.cuda.synchronize()
-    ref = ea[0]
-    ta = [ref.elapsed_time(e) for e in ea]  # ms from a's first record
-    tb = [ref.elapsed_time(e) for e in eb]
-    begin = max(ta[0], tb[0])
-    end = min(ta[-1], tb[-1])
+    ref = evs[0][0]
+    ts = [[ref.elapsed_time(e) for e in ev] for ev in evs]  # ms from the first side's first record
+    begin = max(t[0] for t in ts)
+    end = min(t[-1] for t in ts)
     skip = begin + (end - begin) / 4
 
     def kept(t: list[float]) -> list[float]:
@@ -137,10 +143,10 @@ def corun_us(ga: torch.cuda.CUDAGraph, sa: torch.cuda.Stream, a_us: float,
         if len(d) < 3:  # a window too short to drop the warm-up: every replay inside the overlap
             d = [(t[k + 1] - t[k]) * 1e3 for k in range(len(t) - 1) if t[k + 1] <= end]
         if not d:
-            raise NfsearchError("interference co-run: the two sides did not overlap; raise corun_s")
+            raise NfsearchError("interference co-run: the sides did not overlap; raise corun_s")
         return d
 
-    return statistics.median(kept(ta)), statistics.median(kept(tb))
+    return [statistics.median(kept(t)) for t in ts]
 
 
 def sustained_corun(timer: Any, top_sms: int, bottom_sms: int, bottom_ops: tuple[str, ...],
