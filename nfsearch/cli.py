@@ -155,6 +155,9 @@ def add_solve_parser(sub: argparse._SubParsersAction) -> None:
                    help="TP: let the search run the first nano-batches' attention output in the "
                         "all-gather form (all-gather, column-parallel O, all-gather) instead of o_proj + "
                         "all-reduce; the profile must hold those ops (docs/tensor-parallel.md)")
+    p.add_argument("--structure-family", action="store_true", default=d.structure_family,
+                   help="also run stage 2 on a family of two-nano-batch structures whose first "
+                        "nano-batch holds the decode tokens (docs/formulation.md, [S1.family])")
     p.add_argument("--time-limit", type=float, default=d.time_limit_s,
                    help="solver budget in seconds of CP-SAT deterministic time, about wall seconds; "
                         "deterministic so the same inputs give the same schedule (default: %(default)s)")
@@ -176,7 +179,8 @@ def run_solve(args: argparse.Namespace) -> int:
     cfg = SolveConfig(model=args.model, gpu=args.gpu, profile=args.profile, tp=args.tp,
                       workload=args.workload, dense_batch=args.dense_batch, policy=args.policy,
                       max_nano_batches=args.max_nano_batches, time_limit_s=args.time_limit,
-                      output=args.output, gather_form=args.gather_form, min_gain=args.min_gain)
+                      output=args.output, gather_form=args.gather_form, min_gain=args.min_gain,
+                      structure_family=args.structure_family)
     if not args.json:
         print(f"solving {cfg.model} ({cfg.workload}, dense batch {cfg.dense_batch}, tp {cfg.tp}, "
               f"policy {cfg.policy}, time limit {cfg.time_limit_s:g} s) ...", file=sys.stderr, flush=True)

@@ -33,6 +33,11 @@ class SolveConfig:
     # let the search run a prefix of the nano-batches in the all-gather form of the attention
     # output (TP only; the profile must hold attn_allgather, o_proj_col and o_allgather)
     gather_form: bool = False
+    # [S1.family]: stage 2 also on a family of K = 2 structures with a decode-heavy first nano-batch
+    # (nfsearch/search/family.py). Opt-in: its picks are predicted within a few percent of each
+    # other, inside the prediction's error; it is on only for the schedules where its pick measured
+    # faster (examples/make_schedules.py; benchmarks/RESULTS.md, session 14)
+    structure_family: bool = False
 
     def __post_init__(self) -> None:
         if self.tp < 1:

@@ -234,7 +234,7 @@ def build_problem(model: ModelConfig, batch: BatchComposition, profile: Profile,
         concurrent_sms=gpu.placeable_sms,
         interference=interference, num_layers=model.num_layers, tail_us=round(tail_us, 3),
         max_nano_batches=cfg.max_nano_batches, policy=cfg.policy, min_gain=cfg.min_gain,
-        time_limit_s=cfg.time_limit_s)
+        time_limit_s=cfg.time_limit_s, structure_family=cfg.structure_family)
 
 
 def to_schedule(cfg: SolveConfig, model: ModelConfig, comp: Composition, gpu: GpuSpec, profile: Profile,

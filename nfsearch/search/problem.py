@@ -99,6 +99,8 @@ class SearchProblem:
     # (a nano-batch boundary) when some op has a form class; stage 2 and the prediction take the
     # problem with stage 1's value filled in.
     gather_granules: int = 0
+    # [S1.family]: stage 2 also on the K = 2 structure family of nfsearch/search/family.py
+    structure_family: bool = False
 
     @property
     def has_forms(self) -> bool:

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, replace
 
 from nfsearch.errors import NfsearchError
+from nfsearch.search.family import k2_family
 from nfsearch.search.problem import FORM_CLASSES, KINDS, TOKEN_CLASSES, NanoOp, SearchProblem, Solution
 from nfsearch.search.stage1 import StageResult, refine_hint, solve_stage1
 from nfsearch.search.stage2 import charged, piece_ranges, shared_sm_edges, solve_stage2
@@ -232,6 +233,20 @@ def _search(problem: SearchProblem) -> Solution:
             notes.append(f"K={k}: T1={r1.period_units / SCALE:g} T2={r2.period_units / SCALE:g} us")
         else:
             notes.append(f"K={k}: stage 1 T1={r1.period_units / SCALE:g} us, stage 2 {r2.status.lower()}")
+
+    if problem.structure_family and 2 in ks:  # [S1.family]: stage 2 on each, same budget as one K
+        family = k2_family(problem)
+        fam: list[tuple[str, _Candidate]] = []
+        for label, s in family:
+            r2 = solve_stage2(problem, s, share / len(family), 2)
+            statuses.append(r2.status)
+            if r2.ok:
+                fam.append((label, _from_stage2(problem, r2, stage1[2] if stage1[2].ok else r2, 2)))
+        if fam:
+            label, c = min(fam, key=lambda x: (round(x[1].period_us * SCALE), round(x[1].span_us * SCALE)))
+            cands.append(c)
+            notes.append(f"K=2 family: {len(fam)} of {len(family)} feasible, best {label} "
+                         f"T2={c.period_us:g} us")
 
     # auto is never predicted slower than sequential: candidates must beat it on both counts, the
     # iteration by min_gain [sel.margin]
