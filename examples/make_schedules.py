@@ -1,7 +1,7 @@
 """Re-make the shipped schedules: every built-in model on h100-sxm and h200, splitwise workload,
 at the least tensor-parallel degree whose weights fit (TP > 1 plans use the analytic profile where
 no measured one is shipped), plus the issue-6 const row, the measured TP rows of issue 8 and
-llama2-70b at TP 8 (issue 9, analytic profile).
+llama2-70b at TP 8 (issue 9, analytic profile); the rows in FAMILY with the K = 2 structure family.
 
     python examples/make_schedules.py [--check]
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from nfrt.atomic import atomic_write_text
@@ -53,12 +54,20 @@ EXTRA_TP = (("llama3-70b", "h200", 4, WORKLOAD, "auto"), ("llama3-70b", "h200", 
               for w in ("splitwise", "lmsys", "sharegpt", "const:1024:512")))
 
 
+# solved with the K = 2 structure family ([S1.family], `--structure-family`): the rows where its pick
+# measured faster than stage 1's beside it (benchmarks/RESULTS.md, session 14: H100 splitwise
+# 1.083-1.089x against 1.050-1.057x; H200 const 1.080-1.084x against 1.076-1.077x). On H200
+# splitwise it measured the same as without (1.035-1.044x against 1.038-1.045x); elsewhere it
+# picks nothing new.
+FAMILY = (("llama3-8b", "h100-sxm", "splitwise"), ("llama3-8b", "h200", "const:1024:512"))
+
+
 def configs() -> list[SolveConfig]:
     out = [SolveConfig(model=m.name, gpu=g, workload=WORKLOAD, tp=smallest_tp(m.name, g))
            for g in GPUS for m in builtin_models() if not m.name.startswith("tiny")]
     out += [SolveConfig(model=m, gpu=g, workload=w, tp=smallest_tp(m, g, w)) for g in GPUS for m, w in EXTRA]
     out += [SolveConfig(model=m, gpu=g, workload=w, tp=tp, policy=pol) for m, g, tp, w, pol in EXTRA_TP]
-    return out
+    return [replace(c, structure_family=(c.model, c.gpu, c.workload) in FAMILY) for c in out]
 
 
 def main() -> int:

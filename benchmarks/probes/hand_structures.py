@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--workload", default="splitwise")
     ap.add_argument("--seconds", type=float, default=7.5, help="stage-2 time limit per structure")
     ap.add_argument("--write", type=int, default=0, help="write the best N as schedules")
+    ap.add_argument("--only", default=None, help="write this structure (e.g. b7-down2-prefill1) instead")
     ap.add_argument("--out", default="benchmarks/runs")
     a = ap.parse_args()
     cfg = SolveConfig(model=a.model, gpu=a.gpu, profile=a.profile, workload=a.workload)
@@ -85,7 +86,8 @@ def main() -> None:
         found.append((t, name, r))
         print(f"{name}: T2 = {t:.1f} us ({seq.period_us / t:.3f}x)", flush=True)
     seq_sol = _solution(prob, seq, "OPTIMAL", "sequential", time.monotonic())
-    for t, name, r in sorted(found, key=lambda x: x[0])[:a.write]:
+    chosen = ([x for x in found if x[1] == a.only] if a.only else sorted(found, key=lambda x: x[0])[:a.write])
+    for t, name, r in chosen:
         sol = _solution(prob, _from_stage2(prob, r, r, 2), r.status, f"hand structure {name}",
                         time.monotonic())
         sched = to_schedule(cfg, model, comp, gpu, profile, prob, sol, seq_sol, bound)
