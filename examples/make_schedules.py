@@ -60,6 +60,12 @@ EXTRA_TP = (("llama3-70b", "h200", 4, WORKLOAD, "auto"), ("llama3-70b", "h200", 
 # splitwise it measured the same as without (1.035-1.044x against 1.038-1.045x); elsewhere it
 # picks nothing new.
 FAMILY = (("llama3-8b", "h100-sxm", "splitwise"), ("llama3-8b", "h200", "const:1024:512"))
+# a wider selection margin [sel.margin] where the prediction is measured off by more than the
+# default 1%: on the H100 the const batch's sequential layer stays below the power limit while an
+# overlapped one reaches it, so the profile prices the sequential layer 5-8% long and overlap looks
+# better than it is; its K = 2 pick from the 09:01 profile was predicted 1.048x and measured 0.986x
+# (benchmarks/RESULTS.md, sessions 12 and 14)
+MIN_GAIN = {("llama3-8b", "h100-sxm", "const:1024:512"): 0.06}
 
 
 def configs() -> list[SolveConfig]:
@@ -67,7 +73,8 @@ def configs() -> list[SolveConfig]:
            for g in GPUS for m in builtin_models() if not m.name.startswith("tiny")]
     out += [SolveConfig(model=m, gpu=g, workload=w, tp=smallest_tp(m, g, w)) for g in GPUS for m, w in EXTRA]
     out += [SolveConfig(model=m, gpu=g, workload=w, tp=tp, policy=pol) for m, g, tp, w, pol in EXTRA_TP]
-    return [replace(c, structure_family=(c.model, c.gpu, c.workload) in FAMILY) for c in out]
+    return [replace(c, structure_family=(c.model, c.gpu, c.workload) in FAMILY,
+                    min_gain=MIN_GAIN.get((c.model, c.gpu, c.workload), c.min_gain)) for c in out]
 
 
 def main() -> int:

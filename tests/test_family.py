@@ -81,15 +81,16 @@ def test_family_on_the_h100_llama3_8b_splitwise_problem() -> None:
     family = k2_family(pb)
     # nano-batch 0 from the 320 decode tokens (5 granules) to half the batch, last op whole or cut
     assert [label for label, _ in family] == [f"b{b * 64}-last{p}" for b in range(5, 17) for p in (1, 2)]
-    label, s = family[3 * 2 + 1]  # b = 8 granules, ffn_down cut: the schedule shipped since session 14
-    assert label == "b512-last2"
+    label, s = family[3 * 2]  # b = 8 granules, ffn_down whole: the shipped H100 schedule's structure
+    assert label == "b512-last1"
     _check_structure(pb, s)
     assert s.stream_order == {
-        "compute": ("qkv.0", "qkv.1", "attn_prefill.0", "o_proj.1", "ffn_up.1", "ffn_down.1", "o_proj.0",
-                    "ffn_up.0", "ffn_down.0"),
+        "compute": ("qkv.0", "qkv.1", "attn_prefill.0", "o_proj.1", "ffn_up.1", "o_proj.0", "ffn_up.0",
+                    "ffn_down.0"),
         "memory": ("attn_decode.0",)}
     assert s.splits == {"qkv": 2, "attn_decode": 2, "attn_prefill": 1, "o_proj": 2, "ffn_up": 2,
-                        "ffn_down": 2}
+                        "ffn_down": 1}
+    assert family[3 * 2 + 1][1].stream_order["compute"][5] == "ffn_down.1"  # the variant with it cut
 
 
 def test_solve_flag_reaches_the_problem(monkeypatch) -> None:
