@@ -22,7 +22,8 @@ def row(path: Path) -> dict:
     tokens = d["tokens_per_iteration"]
     pred_us = d["prediction"]["iteration_us"] if d.get("prediction") else None
     label = f"{d['model']} tp{tp}\n{d['workload']}\n{d['speedup_vs_sequential']:.3f}x"
-    return {"label": label, "nano": d["results"]["nano"]["tokens_per_s_per_gpu"],
+    return {"label": label, "iters": d["settings"]["iters"],
+            "nano": d["results"]["nano"]["tokens_per_s_per_gpu"],
             "sequential": d["results"]["sequential"]["tokens_per_s_per_gpu"],
             "predicted": tokens / (pred_us * 1e-6) / tp if pred_us else 0.0,
             "bound": d["bound"]["optimal_tokens_per_s_per_gpu"]}
@@ -45,7 +46,9 @@ def main() -> None:
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v / r['bound']:.0%}", ha="center", va="bottom", fontsize=7)
     axes[0][0].set_ylabel("tokens/s per GPU (label: fraction of bound)")
-    fig.suptitle("nfsearch bench: searched vs sequential, CUDA graphs, median of 20", fontsize=9)
+    iters = sorted({r["iters"] for r in rows})
+    fig.suptitle("nfsearch bench: searched vs sequential, CUDA graphs, median of "
+                 + " / ".join(str(i) for i in iters) + " replays", fontsize=9)
     fig.tight_layout()
     fig.savefig(a.out, dpi=110)
 
