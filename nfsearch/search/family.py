@@ -7,8 +7,9 @@ every decode token and ends at granule b (decode granules <= b <= half the batch
 attention runs on the memory stream while the compute stream runs nano-batch 1's ops, then nano-batch
 0's remaining ops. Every op is cut in two except the prefill-class ops (whole: they need both
 nano-batches' KV anyway) and, as a variant, the layer's last op (whole or cut). On llama3-8b
-splitwise on an H100 the best of them by stage 2 measured 1.083-1.089x against 1.050-1.057x for
-stage 1's pick (benchmarks/RESULTS.md, session 14).
+splitwise on an H100 the best of them by stage 2 measured 1.079-1.090x against 1.050-1.057x for
+stage 1's pick, and 1.100-1.107x solved from the profile re-measured on the full GEMM grid
+(benchmarks/RESULTS.md, session 14).
 
 Pure: structures only; `twostage` runs stage 2 on them.
 """
