@@ -284,7 +284,8 @@ def to_schedule(cfg: SolveConfig, model: ModelConfig, comp: Composition, gpu: Gp
         profile=ProfileInfo(hash=profile.hash, source=profile.meta.source,
                             path=_profile_path(cfg, model, gpu, profile)),
         solver=SolverInfo(name="ortools-cp-sat", policy=cfg.policy, status=sol.status,
-                          objective_us=sol.period_us, gap=sol.objective_gap, solve_time_s=sol.solve_time_s),
+                          objective_us=sol.period_us, gap=sol.objective_gap, solve_time_s=sol.solve_time_s,
+                          structure_family=cfg.structure_family),
         nfsearch_version=nfsearch.__version__, gather_tokens=sol.gather_granules * g)
     return Schedule(schema_version=1, metadata=meta, layer=layer,
                     partitions=tuple(ps.partition for ps in placed.streams), streams=streams,

@@ -101,6 +101,20 @@ def test_yaml_round_trip_is_byte_identical(tmp_path):
     assert (tmp_path / "b.yaml").read_bytes() == p.read_bytes()
 
 
+def test_structure_family_flag_is_omitted_when_false_and_round_trips():
+    s = example()
+    assert "structure_family" not in s.to_dict()["metadata"]["solver"]  # old files keep their bytes
+    solver = dataclasses.replace(s.metadata.solver, structure_family=True)
+    meta = dataclasses.replace(s.metadata, solver=solver)
+    fam = dataclasses.replace(s, metadata=meta)
+    d = fam.to_dict()
+    assert d["metadata"]["solver"]["structure_family"] is True
+    assert loads(dumps(fam)) == fam and dumps(loads(dumps(fam))) == dumps(fam)
+    d["metadata"]["solver"]["structure_family"] = "yes"
+    with pytest.raises(ScheduleError, match="metadata.solver.structure_family"):
+        Schedule.from_dict(d)
+
+
 def test_floats_rounded_to_3_decimals_ratios_to_6_digits_and_stable():
     rng = random.Random()
     s = example()

@@ -204,10 +204,19 @@ class SolverInfo(_Record):
     objective_us: float | None = None
     gap: float | None = None
     solve_time_s: float | None = None
+    # solved with the K = 2 structure family (`nfsearch solve --structure-family`)
+    structure_family: bool = False
     _spec: ClassVar[dict[str, Check]] = {
         "name": _name, "policy": _choice("auto", "sequential", "overlap", "hand"), "status": _name,
-        "objective_us": _optional(_float), "gap": _optional(_nonneg), "solve_time_s": _optional(_nonneg)}
+        "objective_us": _optional(_float), "gap": _optional(_nonneg), "solve_time_s": _optional(_nonneg),
+        "structure_family": _bool}
     _ratios: ClassVar[frozenset[str]] = frozenset({"gap"})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if not d["structure_family"]:
+            del d["structure_family"]  # omitted when false: schedules solved without it keep their bytes
+        return d
 
 
 @dataclass(frozen=True)
