@@ -21,7 +21,8 @@ def summary(schedule: Schedule) -> str:
         f"{b.prefill_tokens} prefill tokens (mean prompt {b.prefill_context})",
         f"profile {m.profile.source} ({m.profile.hash[:12]})  solver {m.solver.name} {m.solver.policy} "
         f"{m.solver.status}" + (f" gap {m.solver.gap:.3f}" if m.solver.gap is not None else "")
-        + (f" in {m.solver.solve_time_s:.1f} s" if m.solver.solve_time_s is not None else ""),
+        + (f" in {m.solver.solve_time_s:.1f} s" if m.solver.solve_time_s is not None else "")
+        + ("  (with the K = 2 structure family)" if m.solver.structure_family else ""),
         "nano-batches: " + ", ".join(f"{nb.name}[{nb.start},{nb.end})" for nb in schedule.nano_batches),
         "",
         f"{'stream':<9} {'SMs':>4}  nano-ops (issue order)",

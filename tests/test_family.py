@@ -108,3 +108,29 @@ def test_solve_flag_reaches_the_problem(monkeypatch) -> None:
         main(["solve", "--model", "llama3-8b", "--gpu", "h100-sxm", "--structure-family"])
     assert seen and seen[0].structure_family
     assert SolveConfig().structure_family is False  # opt-in
+
+
+def test_shipped_family_schedules_say_so() -> None:
+    """The schedules make_schedules solves with the family record it, and `nfsearch show` says it."""
+    import importlib.util
+    from pathlib import Path
+
+    from nfrt.schedule import load_schedule
+
+    from nfsearch.plan import default_output
+    from nfsearch.show import summary
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("make_schedules", root / "examples" / "make_schedules.py")
+    ms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ms)
+    from nfsearch.gpus import resolve_gpu
+    from nfsearch.models import resolve_model
+
+    flagged = []
+    for cfg in ms.configs():
+        s = load_schedule(default_output(cfg, resolve_model(cfg.model), resolve_gpu(cfg.gpu)))
+        assert s.metadata.solver.structure_family == cfg.structure_family, cfg
+        assert ("structure family" in summary(s)) == cfg.structure_family
+        flagged += [cfg.model + "-" + cfg.gpu + "-" + cfg.workload] if cfg.structure_family else []
+    assert flagged == ["llama3-8b-h100-sxm-splitwise", "llama3-8b-h200-const:1024:512"]
