@@ -66,6 +66,12 @@ FAMILY = (("llama3-8b", "h100-sxm", "splitwise"), ("llama3-8b", "h200", "const:1
 # better than it is; its K = 2 pick from the 09:01 profile was predicted 1.048x and measured 0.986x
 # (benchmarks/RESULTS.md, sessions 12 and 14)
 MIN_GAIN = {("llama3-8b", "h100-sxm", "const:1024:512"): 0.06}
+# solves whose result depends on the machine's speed: on a slow 2-core machine a sub-solve of
+# qwen2-72b TP 2 hits the wall-clock safety net (docs/formulation.md, "Selection, prediction,
+# determinism"), on a faster one it does not (T 1838.9 against 1843.04 us, session 14). The shipped
+# file is the slow machine's; tests/test_shipped_schedules.py holds these to their predicted period
+# within 1% instead of byte for byte.
+MACHINE_DEPENDENT = (("qwen2-72b", "h200", 2, "splitwise"),)
 
 
 def configs() -> list[SolveConfig]:
