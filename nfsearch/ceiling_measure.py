@@ -117,7 +117,7 @@ def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str,
     import torch
     from nfrt.partition import make_layout
 
-    from nfsearch.profiler.corun import alternating_us, corun_us, looped, solo_us
+    from nfsearch.profiler.corun import alternating_us, looped, solo_us
     from nfsearch.profiler.grid import full_grid
     from nfsearch.profiler.measure import GpuTimer
 
@@ -159,20 +159,14 @@ def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str,
     try:
         for cs in [s for s in timer.grid.sms if top // 3 <= s <= top - 8]:
             ms = top - cs
-            bs, ts = layout.stream(0, cs), layout.stream(top - ms, ms)
-            gb, nb = looped(timer, bs, unit(compute))
-            gt, nt = looped(timer, ts, unit(memory))
-            b_solo, t_solo = solo_us(gb, bs, sec / 2), solo_us(gt, ts, sec / 2)
-            corun_us(gb, bs, b_solo, gt, ts, t_solo, sec)  # to the power-capped steady state
-            b_co, t_co = corun_us(gb, bs, b_solo, gt, ts, t_solo, sec)
-            s = SplitRate(cs, ms, b_co / nb, t_co / nt)
+            (tc, tc_alone), (tm, tm_alone) = placed_corun(timer, schedule, layout,
+                                                          [(compute, 0, cs), (memory, top - ms, ms)], sec)
+            s = SplitRate(cs, ms, tc, tm)
             splits.append(s)
-            alone.append({"tc_alone_us": b_solo / nb, "tm_alone_us": t_solo / nt})
+            alone.append({"tc_alone_us": tc_alone, "tm_alone_us": tm_alone})
             a, b = c_us / s.tc_us, m_us / s.tm_us
-            log(f"  split {cs:3d}/{ms:3d}: C {s.tc_us:8.1f} us (alone there {b_solo / nb:8.1f}), "
-                f"M {s.tm_us:8.1f} us (alone there {t_solo / nt:8.1f});  a {a:.3f} + b {b:.3f} = {a + b:.3f}")
-            del gb, gt
-            torch.cuda.synchronize()
+            log(f"  split {cs:3d}/{ms:3d}: C {s.tc_us:8.1f} us (alone there {tc_alone:8.1f}), "
+                f"M {s.tm_us:8.1f} us (alone there {tm_alone:8.1f});  a {a:.3f} + b {b:.3f} = {a + b:.3f}")
         if other:  # the three splits of the most overlap (a + b) seed the three-way co-runs
             best = sorted(splits, key=lambda s: -(c_us / s.tc_us + m_us / s.tm_us))[:3]
             pairs, triples = _other_units(timer, schedule, layout, {"compute": compute, "memory": memory,
@@ -199,34 +193,40 @@ def measure(cfg: CeilingConfig, log: Callable[[str], None] = print) -> dict[str,
             **ceil.to_dict(), "alone": alone, **third}
 
 
-def _other_units(timer: Any, schedule: Schedule, layout: Any, ops: dict[str, Unit],
-                 best_splits: list[SplitRate], sec: float,
-                 log: Callable[[str], None]) -> tuple[list[PairRate], list[TripleRate]]:
-    """The other ops beside the rest, each side looped on its own placed partition (a launcher is
-    made right before its capture: it binds its op's batch): compute|other and memory|other with the
-    other ops on the top o SMs (o = the grid's sizes up to half the placed SMs), the partner on the
-    rest; then three-way from each of `best_splits`, o = 8 and 16 SMs taken from the compute side
-    and from the memory side: compute at the bottom, the other ops next, memory at the top."""
+def placed_corun(timer: Any, schedule: Schedule, layout: Any, sides: list[tuple[Unit, int, int]],
+                 sec: float) -> list[tuple[float, float]]:
+    """(us per launch co-running, us per launch alone there) of each (ops, first SM slot, SMs) side:
+    each looped on its own placed partition (its launcher made right before its capture: a launcher
+    binds its op's batch), timed alone, then all side by side after a warm-up co-run to the
+    power-capped steady state, as the profiler's interference co-runs do."""
     import torch
 
     from nfsearch.profiler.corun import corun_many_us, looped, solo_us
 
+    streams = [layout.stream(first, n) for _, first, n in sides]
+    graphs = [looped(timer, st, unit_launcher(timer, schedule, ops))
+              for (ops, _, _), st in zip(sides, streams, strict=True)]  # (graph, launches per replay)
+    runs = [(g, st, solo_us(g, st, sec / 2)) for (g, _), st in zip(graphs, streams, strict=True)]
+    corun_many_us(runs, sec)
+    co = corun_many_us(runs, sec)
+    out = [(c / k, alone / k) for c, (_, k), (_, _, alone) in zip(co, graphs, runs, strict=True)]
+    del graphs, runs
+    torch.cuda.synchronize()
+    return out
+
+
+def _other_units(timer: Any, schedule: Schedule, layout: Any, ops: dict[str, Unit],
+                 best_splits: list[SplitRate], sec: float,
+                 log: Callable[[str], None]) -> tuple[list[PairRate], list[TripleRate]]:
+    """The other ops beside the rest (`placed_corun`): compute|other and memory|other with the other
+    ops on the top o SMs (o = the grid's sizes up to half the placed SMs), the partner on the rest;
+    then three-way from each of `best_splits`, o = 8 and 16 SMs taken from the compute side and
+    from the memory side: compute at the bottom, the other ops next, memory at the top."""
     top = layout.aligned
 
     def corun(placed: list[tuple[str, int, int]]) -> list[float]:
-        """us per unit of each (unit, first SM slot, SMs) side, co-running (after a warm-up co-run
-        to the power-capped steady state)."""
-        sides = []
-        for u, first, n in placed:
-            st = layout.stream(first, n)
-            g, k = looped(timer, st, unit_launcher(timer, schedule, ops[u]))
-            sides.append((g, st, solo_us(g, st, sec / 2), k))
-        runs = [(g, st, us) for g, st, us, _ in sides]
-        corun_many_us(runs, sec)
-        out = [us / k for us, (*_, k) in zip(corun_many_us(runs, sec), sides, strict=True)]
-        del sides, runs
-        torch.cuda.synchronize()
-        return out
+        return [co for co, _ in placed_corun(timer, schedule, layout,
+                                             [(ops[u], first, n) for u, first, n in placed], sec)]
 
     pairs: list[PairRate] = []
     for partner in ("compute", "memory"):

@@ -5,7 +5,10 @@ This probe runs stage 2 on every K = 2 structure of one family, whatever stage 1
 decode-first nano-batch ends at granule b, qkv, o_proj and ffn_up are cut in two, ffn_down and
 prefill attention are cut or not, and the compute stream runs nano-batch 1's ops while nano-batch
 0's decode attention runs beside them (the shape of every searched dense schedule so far). It
-prints each structure's stage-2 period and writes the best `--write` of them as schedules.
+prints each structure's stage-2 period and writes the best `--write` of them as schedules. The
+search's own version of this family (prefill attention always whole) is
+`nfsearch.search.family.k2_family`, behind `nfsearch solve --structure-family`; this probe, which
+came first, is kept as the record of the session-14 runs and their labels.
 
     python benchmarks/probes/hand_structures.py --model llama3-8b --gpu h100-sxm \\
         --profile P.json --workload splitwise --write 3 --out DIR

@@ -48,32 +48,31 @@ def k2_family(problem: SearchProblem) -> list[tuple[str, Structure]]:
     memory = [o.name for o in ops if o.kind == "memory"]
     before_memory = set().union(*(_ancestors(problem, m) for m in memory))
     last = ops[-1].name
-    out: list[tuple[str, Structure]] = []
-    for b in range(problem.decode_granules, problem.num_granules // 2 + 1):
-        for last_pieces in (1, 2):
-            splits = {o.name: 1 if o.token_class == "prefill" or (o.name == last and last_pieces == 1)
-                      else 2 for o in ops}
-            first: list[str] = []  # nano-batch 0 up to its decode attention
-            middle: list[str] = []  # nano-batch 1, and whole ops whose deps are all done by then
-            rest: list[str] = []  # nano-batch 0's remaining ops, whole ops after them
-            done: set[str] = set()  # ops whose nano-batch 0 part is in `first`
-            for o in ops:
-                if o.kind != "compute":
-                    continue
-                if splits[o.name] == 2:
-                    if o.name in before_memory:
-                        first.append(f"{o.name}.0")
-                        done.add(o.name)
-                    else:
-                        rest.append(f"{o.name}.0")
-                    middle.append(f"{o.name}.1")
-                elif all(d.op in done or d.prev_layer for d in o.deps):
-                    middle.append(f"{o.name}.0")
+    variants = []  # (last op's pieces, splits, stream order): the same for every b
+    for last_pieces in (1, 2):
+        splits = {o.name: 1 if o.token_class == "prefill" or (o.name == last and last_pieces == 1) else 2
+                  for o in ops}
+        first: list[str] = []  # nano-batch 0 up to its decode attention
+        middle: list[str] = []  # nano-batch 1, and whole ops whose deps are all done by then
+        rest: list[str] = []  # nano-batch 0's remaining ops, whole ops after them
+        done: set[str] = set()  # ops whose nano-batch 0 part is in `first`
+        for o in ops:
+            if o.kind != "compute":
+                continue
+            if splits[o.name] == 2:
+                if o.name in before_memory:
+                    first.append(f"{o.name}.0")
                     done.add(o.name)
                 else:
                     rest.append(f"{o.name}.0")
-            stream_order = {"compute": tuple(first + middle + rest),
-                            "memory": tuple(f"{m}.0" for m in memory)}
-            out.append((f"b{b * problem.granularity_tokens}-last{last_pieces}",
-                        Structure(2, (0, b, problem.num_granules), splits, stream_order)))
-    return out
+                middle.append(f"{o.name}.1")
+            elif all(d.op in done or d.prev_layer for d in o.deps):
+                middle.append(f"{o.name}.0")
+                done.add(o.name)
+            else:
+                rest.append(f"{o.name}.0")
+        order = {"compute": tuple(first + middle + rest), "memory": tuple(f"{m}.0" for m in memory)}
+        variants.append((last_pieces, splits, order))
+    g = problem.num_granules
+    return [(f"b{b * problem.granularity_tokens}-last{p}", Structure(2, (0, b, g), dict(splits), order))
+            for b in range(problem.decode_granules, g // 2 + 1) for p, splits, order in variants]
